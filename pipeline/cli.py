@@ -1,0 +1,188 @@
+"""`csi` — the command line. Thin: every subcommand calls into the package."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline.config import Settings
+
+
+def _add_simulation_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dealers", type=int, default=50, help="number of dealers (default 50)")
+    parser.add_argument("--days", type=int, default=60, help="days of history ending today")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="DEALER:DATE:SIZE",
+        help="lower one dealer's scores by SIZE CSI points from DATE on (repeatable)",
+    )
+
+
+def _warehouse_url(args: argparse.Namespace) -> str:
+    return args.warehouse or f"chdb://{Path(args.data_dir) / 'warehouse'}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_embedded
+    from pipeline.simulator import parse_drop
+
+    return run_embedded(
+        data_dir=Path(args.data_dir),
+        broker_kind=args.broker_kind,
+        dealers=args.dealers,
+        days=args.days,
+        rate=args.rate or None,
+        seed=args.seed,
+        drops=[parse_drop(text) for text in args.drop],
+        duration_s=args.duration,
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline.worker import run_worker
+
+    settings = Settings()
+    overrides: dict[str, Any] = {}
+    if args.bootstrap:
+        overrides["bootstrap"] = args.bootstrap
+    if args.warehouse:
+        overrides["warehouse"] = args.warehouse
+    run_worker(replace(settings, **overrides))
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from pipeline.simulator import parse_drop, simulate, write_jsonl
+
+    events = simulate(
+        args.dealers, args.days, seed=args.seed, drops=[parse_drop(t) for t in args.drop]
+    )
+    if args.bootstrap:
+        from pipeline.producer import EventProducer, produce_events
+
+        with EventProducer(args.bootstrap) as producer:
+            sent = produce_events(producer, events, rate=args.rate or None)
+        print(f"produced {sent} events to {args.bootstrap}", file=sys.stderr)
+    elif args.out in (None, "-"):
+        write_jsonl(events, sys.stdout)
+    else:
+        count = write_jsonl(events, args.out)
+        print(f"wrote {count} events to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from pipeline.warehouse import open_warehouse
+
+    warehouse = open_warehouse(_warehouse_url(args))
+    try:
+        columns, rows = warehouse.query(args.sql)
+    finally:
+        warehouse.close()
+    if args.format == "json":
+        for row in rows:
+            sys.stdout.buffer.write(orjson.dumps(dict(zip(columns, row, strict=True)), default=str))
+            sys.stdout.buffer.write(b"\n")
+    else:
+        print(format_table(columns, rows))
+    return 0
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(columns)] + [["NULL" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from pipeline.broker import EmbeddedBroker, create_topics
+
+    data_dir = Path(args.data_dir)
+    broker = EmbeddedBroker(
+        args.broker_kind, data_dir=data_dir / f"broker-{args.broker_kind}", port=args.port
+    )
+    with broker:  # starts it; stops it on the way out, Ctrl-C included
+        create_topics(broker.bootstrap)
+        print(f"broker ({args.broker_kind}) on {broker.bootstrap}; Ctrl-C stops it", flush=True)
+        signal.signal(signal.SIGTERM, _interrupt)
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csi", description="Streaming satisfaction pipeline for car-dealer networks."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the main job on embedded parts (broker, chdb, worker)")
+    run.add_argument("--data-dir", default=".csi", help="where state lives (default ./.csi)")
+    run.add_argument("--broker-kind", choices=("noida", "tansu"), default="noida")
+    run.add_argument("--rate", type=float, default=2000.0, help="events/s to produce (0: flat out)")
+    run.add_argument("--duration", type=float, default=None, help="seconds, then stop")
+    _add_simulation_args(run)
+    run.set_defaults(func=cmd_run)
+
+    worker = sub.add_parser("worker", help="run the Faust worker (settings from CSI_* env)")
+    worker.add_argument("--bootstrap", help="Kafka bootstrap servers (CSI_BOOTSTRAP)")
+    worker.add_argument("--warehouse", help="warehouse URL (CSI_WAREHOUSE)")
+    worker.set_defaults(func=cmd_worker)
+
+    simulate = sub.add_parser("simulate", help="emit simulated visits and surveys")
+    _add_simulation_args(simulate)
+    simulate.add_argument("--out", help="JSON lines file ('-' or absent: stdout)")
+    simulate.add_argument("--bootstrap", help="produce to this Kafka instead of writing a file")
+    simulate.add_argument("--rate", type=float, default=0.0, help="events/s (0: flat out)")
+    simulate.set_defaults(func=cmd_simulate)
+
+    query = sub.add_parser("query", help="run SQL against the warehouse and print the result")
+    query.add_argument("sql")
+    query.add_argument("--data-dir", default=".csi")
+    query.add_argument("--warehouse", help="URL; default chdb://DATA_DIR/warehouse")
+    query.add_argument(
+        "--format", choices=("table", "json"), default="table", help="json: one object a line"
+    )
+    query.set_defaults(func=cmd_query)
+
+    broker = sub.add_parser("broker", help="run only the embedded broker, with the topics")
+    broker.add_argument("--data-dir", default=".csi")
+    broker.add_argument("--broker-kind", choices=("noida", "tansu"), default="noida")
+    broker.add_argument("--port", type=int, default=None)
+    broker.set_defaults(func=cmd_broker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as exc:  # bad input the user can fix: say what, no traceback
+        print(f"csi: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Runtime settings, from environment variables (the same names in docker
+compose, the embedded `csi run` and tests). CLI flags override them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap: str = field(default_factory=lambda: _env("CSI_BOOTSTRAP", "127.0.0.1:9092"))
+    """Kafka bootstrap servers, host:port[,host:port]."""
+    warehouse: str = field(default_factory=lambda: _env("CSI_WAREHOUSE", "chdb://.csi/warehouse"))
+    """`chdb://PATH` (embedded) or `clickhouse://[user[:pw]@]host:port/db`."""
+    data_dir: Path = field(default_factory=lambda: Path(_env("CSI_DATA_DIR", ".csi")))
+    """Local state: embedded broker data, Faust table state, logs."""
+    app_id: str = field(default_factory=lambda: _env("CSI_APP_ID", "csi-worker"))
+    """Faust application id: the consumer group and the changelog topic prefix."""
+    batch_max: int = field(default_factory=lambda: int(_env("CSI_BATCH_MAX", "2000")))
+    """Most events the worker takes per batch."""
+    batch_within_s: float = field(default_factory=lambda: float(_env("CSI_BATCH_WITHIN", "0.5")))
+    """Longest wait to fill a batch, seconds."""
+    sink_max_rows: int = field(default_factory=lambda: int(_env("CSI_SINK_MAX_ROWS", "1000")))
+    sink_max_age_s: float = field(default_factory=lambda: float(_env("CSI_SINK_MAX_AGE", "1.0")))
+    log_level: str = field(default_factory=lambda: _env("CSI_LOG_LEVEL", "warning"))

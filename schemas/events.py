@@ -1,0 +1,507 @@
+"""Strict event models and the one entry point that turns raw bytes into an event.
+
+Every event read from Kafka goes through `parse_event`: it either returns a
+validated `VisitEvent` / `SurveyEvent` or raises `InvalidEvent` whose `reason`
+is one readable line for the dead-letter topic (DOMAIN.md: bad input is never
+dropped silently). Field names follow DOMAIN.md "Events".
+
+Validation is strict (no "5" for a number, no 1 for a bool, unknown fields
+rejected) because these events feed published indices: a silently coerced
+value would be a silently wrong CSI.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Final, Literal, Self, get_args
+from uuid import UUID
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+EventType = Literal["visit", "survey", "call", "mystery_shop", "complaint"]
+EVENT_TYPES: Final[tuple[str, ...]] = get_args(EventType)
+"""Every event type DOMAIN.md defines."""
+
+SUPPORTED_EVENT_TYPES: Final[tuple[str, ...]] = ("visit", "survey")
+"""The event types `parse_event` accepts today; the others are rejected as not supported yet."""
+
+SUPPORTED_SCHEMA_VERSIONS: Final[tuple[int, ...]] = (1,)
+
+MAX_EVENT_BYTES: Final[int] = 1024 * 1024
+"""Payloads above this are rejected before JSON parsing (no event is anywhere near it)."""
+
+MAX_COMMENT_CHARS: Final[int] = 5000
+
+FUTURE_TOLERANCE: Final[timedelta] = timedelta(days=1)
+"""How far `occurred_at` may lie ahead of the clock: emitters' clocks drift."""
+
+Department = Literal["service", "sales"]
+Source = Literal["dms", "survey_vendor", "call_centre", "auditor", "web"]
+SurveyChannel = Literal["web", "sms", "email", "phone", "app"]
+
+# Fields whose values may be personal data: never echoed into a rejection reason,
+# which ends up in logs and dead-letter metadata.
+_PII_FIELDS: Final[frozenset[str]] = frozenset({"customer_ref", "comment"})
+
+
+# --- personal-data detection and scrubbing ------------------------------------
+
+# The lookbehind makes a match start only at the beginning of a run of address
+# characters, which keeps the scan linear on long texts without any "@".
+_EMAIL = re.compile(
+    r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+[@＠][A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+"
+)
+# A phone candidate: digits (\d also matches full-width digits) separated by at most
+# two of space, hyphen, dot or parentheses, optionally led by "+" or "(".  Whether it
+# really is a phone number is decided by `_phone_or_original` (digit count, not a date).
+# Lookarounds rather than \b: CJK characters are word characters, so "拨打13812345678"
+# has no word boundary before the number.
+_PHONE_CANDIDATE = re.compile(r"(?<![\d+])\+?\(?\d(?:[ \-.()]{0,2}\d)*(?!\d)")
+_DATE_LIKE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{4}")
+_DECIMAL_LIKE = re.compile(r"\d+\.\d{1,2}")
+_WHITESPACE = re.compile(r"(\s+)")
+# E.164 numbers have at most 15 digits; the shortest local numbers in use have 7.
+_PHONE_MIN_DIGITS: Final[int] = 7
+_PHONE_MAX_DIGITS: Final[int] = 15
+
+
+def _count_digits(text: str) -> int:
+    return sum(1 for char in text if char.isdecimal())
+
+
+def _phone_or_original(candidate: str) -> str:
+    digits = _count_digits(candidate)
+    if digits > _PHONE_MAX_DIGITS and " " in candidate:
+        # Probably several numbers joined by spaces ("2024-05-01 13812345678"): judge each.
+        return "".join(
+            part if part.isspace() else _PHONE_CANDIDATE.sub(_phone_match, part)
+            for part in _WHITESPACE.split(candidate)
+        )
+    if not _PHONE_MIN_DIGITS <= digits <= _PHONE_MAX_DIGITS:
+        return candidate
+    if _DATE_LIKE.fullmatch(candidate) or _DECIMAL_LIKE.fullmatch(candidate):
+        return candidate
+    return "[phone]"
+
+
+def _phone_match(match: re.Match[str]) -> str:
+    return _phone_or_original(match.group(0))
+
+
+def scrub_personal_data(text: str) -> str:
+    """`text` with e-mail addresses replaced by "[email]" and phone numbers by "[phone]".
+
+    E-mails go first: "13812345678@163.com" is one address, not a phone number.
+    Idempotent, so a stored (already scrubbed) comment validates to itself.
+    """
+    without_emails = _EMAIL.sub("[email]", text)
+    return _PHONE_CANDIDATE.sub(_phone_match, without_emails)
+
+
+_CUSTOMER_REF = re.compile(r"[A-Za-z0-9_-]{8,128}")
+_PHONE_LIKE_REF = re.compile(r"[\d\s()+.\-]+")
+
+
+def _check_customer_ref(value: str) -> str:
+    if "@" in value or "＠" in value:
+        raise PydanticCustomError(
+            "customer_ref_pii",
+            "must be a pseudonymous hash, not PII (it looks like an e-mail address)",
+        )
+    if (
+        _PHONE_LIKE_REF.fullmatch(value)
+        and _PHONE_MIN_DIGITS <= _count_digits(value) <= _PHONE_MAX_DIGITS
+    ):
+        raise PydanticCustomError(
+            "customer_ref_pii",
+            "must be a pseudonymous hash, not PII (it looks like a phone number)",
+        )
+    if not _CUSTOMER_REF.fullmatch(value):
+        raise PydanticCustomError(
+            "customer_ref_format",
+            "must be a pseudonymous hash: 8–128 characters from A-Z a-z 0-9 _ -"
+            " (got {length} characters)",
+            {"length": len(value)},
+        )
+    return value
+
+
+def _comment_too_long(length: int) -> PydanticCustomError:
+    return PydanticCustomError(
+        "comment_too_long",
+        "must be at most {limit} characters (got {length})",
+        {"limit": MAX_COMMENT_CHARS, "length": length},
+    )
+
+
+def _scrub_comment(value: str) -> str:
+    # Cheap guard first: a comment far too long is rejected without scanning it.
+    if len(value) > 2 * MAX_COMMENT_CHARS:
+        raise _comment_too_long(len(value))
+    scrubbed = scrub_personal_data(value)
+    # The limit is on what is stored, so that a stored comment always validates again
+    # (a placeholder can be longer than what it replaced).
+    if len(scrubbed) > MAX_COMMENT_CHARS:
+        raise _comment_too_long(len(scrubbed))
+    return scrubbed
+
+
+def _check_schema_version(version: int) -> int:
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise PydanticCustomError(
+            "schema_version_unsupported",
+            "version {version} is not supported (supported: {supported})",
+            {
+                "version": version,
+                "supported": ", ".join(str(v) for v in SUPPORTED_SCHEMA_VERSIONS),
+            },
+        )
+    return version
+
+
+# Plausible event times. Outside this range a timestamp is a placeholder
+# ("0001-01-01", "1900-01-01") or garbage, and the extremes cannot even be
+# converted to UTC, which every window computation does.
+EARLIEST_TIMESTAMP: Final[datetime] = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_TIMESTAMP: Final[datetime] = datetime(2100, 1, 1, tzinfo=UTC)
+
+
+def _check_timestamp_range(moment: datetime) -> datetime:
+    if not EARLIEST_TIMESTAMP <= moment < LATEST_TIMESTAMP:
+        raise PydanticCustomError(
+            "timestamp_range",
+            "must be between {earliest} and {latest} (got {moment})",
+            {
+                "earliest": EARLIEST_TIMESTAMP.date().isoformat(),
+                "latest": LATEST_TIMESTAMP.date().isoformat(),
+                "moment": moment.isoformat(),
+            },
+        )
+    return moment
+
+
+# --- field types ---------------------------------------------------------------
+
+Timestamp = Annotated[AwareDatetime, AfterValidator(_check_timestamp_range)]
+
+DealerId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")]
+CustomerRef = Annotated[str, AfterValidator(_check_customer_ref)]
+SchemaVersion = Annotated[int, Field(ge=1), AfterValidator(_check_schema_version)]
+VisitId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Amount = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# Codes are keys of the (replaceable) questionnaire catalogue; no dots, so that an
+# error path like "ratings.booking_ease" is unambiguous.
+AttributeCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
+# Finite numbers only; bools are refused by strict mode. The scale bounds are checked
+# by SurveyEvent, which knows the survey's scale.
+Rating = Annotated[float, Field(allow_inf_nan=False)]
+Comment = Annotated[str, AfterValidator(_scrub_comment)]
+MAX_RATED_ATTRIBUTES: Final[int] = 200
+
+
+class _StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Scale(_StrictModel):
+    """The answer scale of a questionnaire, e.g. 1–10 or 1–5 (both ends inclusive)."""
+
+    min: int = 1
+    max: int = 10
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> Self:
+        if self.min >= self.max:
+            raise PydanticCustomError(
+                "scale_order",
+                "min must be less than max (got min {min}, max {max})",
+                {"min": self.min, "max": self.max},
+            )
+        return self
+
+
+class Envelope(_StrictModel):
+    """Fields every event carries (DOMAIN.md "Events"); the base of every event model."""
+
+    event_id: UUID
+    event_type: EventType
+    schema_version: SchemaVersion
+    dealer_id: DealerId
+    department: Department = "service"
+    occurred_at: Timestamp
+    customer_ref: CustomerRef
+    source: Source
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _not_far_in_future(cls, occurred_at: datetime, info: ValidationInfo) -> datetime:
+        # `now` comes from the validation context so that tests (and replays) can fix the clock.
+        context = info.context
+        now = context.get("now") if isinstance(context, dict) else None
+        if not isinstance(now, datetime):
+            now = datetime.now(UTC)
+        # Subtracting from occurred_at (range-checked already) cannot overflow; adding to now can.
+        if occurred_at - FUTURE_TOLERANCE > now:
+            raise PydanticCustomError(
+                "occurred_at_future",
+                "must be at most 1 day in the future (got {occurred_at}, now {now})",
+                {"occurred_at": occurred_at.isoformat(), "now": now.isoformat()},
+            )
+        return occurred_at
+
+
+class VisitEvent(Envelope):
+    """A service visit / repair order: the denominator of response rate and visit KPIs."""
+
+    event_type: Literal["visit"] = "visit"
+    visit_id: VisitId
+    appointment: bool
+    arrived_at: Timestamp
+    greeted_at: Timestamp | None = None
+    promised_at: Timestamp | None = None
+    delivered_at: Timestamp | None = None
+    estimate_amount: Amount | None = None
+    invoice_amount: Amount | None = None
+    comeback_of: VisitId | None = None
+    """visit_id of the visit this one repeats (not fixed right the first time)."""
+
+
+class SurveyEvent(Envelope):
+    """A questionnaire answer; every rating lies on the survey's own `scale`."""
+
+    event_type: Literal["survey"] = "survey"
+    visit_id: VisitId | None = None
+    channel: SurveyChannel
+    scale: Scale = Field(default_factory=Scale)
+    ratings: dict[AttributeCode, Rating] = Field(
+        default_factory=dict, max_length=MAX_RATED_ATTRIBUTES
+    )
+    overall: Rating | None = None
+    expectation: Rating | None = None
+    perception: Rating | None = None
+    return_intent: Rating | None = None
+    expectations: dict[AttributeCode, Rating] = Field(
+        default_factory=dict, max_length=MAX_RATED_ATTRIBUTES
+    )
+    recommend: Annotated[int, Field(ge=0, le=10)] | None = None
+    comment: Comment | None = None
+
+    @model_validator(mode="after")
+    def _answers_on_scale(self) -> Self:
+        # Raised as a ValidationError so that each off-scale value keeps its own
+        # path (e.g. ratings.booking_ease) and all of them are reported at once.
+        errors: list[InitErrorDetails] = []
+        if not self.ratings and self.overall is None and self.recommend is None:
+            errors.append(
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "survey_empty",
+                        "a survey needs at least one of ratings, overall or recommend",
+                    ),
+                    loc=("ratings",),
+                    input=self.ratings,
+                )
+            )
+        lo, hi = self.scale.min, self.scale.max
+        answers: list[tuple[tuple[str, ...], float]] = [
+            (("ratings", code), value) for code, value in self.ratings.items()
+        ]
+        single_answers = {
+            "overall": self.overall,
+            "expectation": self.expectation,
+            "perception": self.perception,
+            "return_intent": self.return_intent,
+        }
+        answers += [((name,), value) for name, value in single_answers.items() if value is not None]
+        answers += [(("expectations", code), value) for code, value in self.expectations.items()]
+        for loc, value in answers:
+            if not lo <= value <= hi:
+                errors.append(
+                    InitErrorDetails(
+                        type=PydanticCustomError(
+                            "out_of_scale",
+                            "must be within the survey scale {min}–{max} (got {value})",
+                            {"min": lo, "max": hi, "value": f"{value:g}"},
+                        ),
+                        loc=loc,
+                        input=value,
+                    )
+                )
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
+
+
+Event = Annotated[VisitEvent | SurveyEvent, Field(discriminator="event_type")]
+"""Any supported event; `event_type` picks the model."""
+
+_EVENT_ADAPTER: Final[TypeAdapter[VisitEvent | SurveyEvent]] = TypeAdapter(Event)
+
+
+# --- parsing -------------------------------------------------------------------
+
+
+class InvalidEvent(ValueError):
+    """An event that cannot be used; `reason` is one line, "<field path>: <rule>; ..."."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_MAX_REPORTED_ERRORS: Final[int] = 10
+_MAX_SHOWN_CHARS: Final[int] = 60
+_SIMPLE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Our own error types: their messages already say what was received (or must not, PII).
+_SELF_DESCRIBING_ERRORS: Final[frozenset[str]] = frozenset(
+    {
+        "customer_ref_pii",
+        "customer_ref_format",
+        "comment_too_long",
+        "schema_version_unsupported",
+        "scale_order",
+        "occurred_at_future",
+        "timestamp_range",
+        "out_of_scale",
+        "survey_empty",
+        "missing",
+        "extra_forbidden",
+    }
+)
+
+
+def _json_type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _shown(value: object) -> str:
+    """A short, single-line rendering of a received value."""
+    if isinstance(value, dict | list):
+        return _json_type_name(value)
+    text = repr(value)
+    if len(text) > _MAX_SHOWN_CHARS:
+        text = text[: _MAX_SHOWN_CHARS - 1] + "…"
+    return text
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    parts = []
+    for part in loc:
+        text = str(part)
+        parts.append(text if _SIMPLE_KEY.fullmatch(text) else _shown(text))
+    return ".".join(parts)
+
+
+def _rule(message: str) -> str:
+    """Pydantic's "Input should be ..." phrased as a rule: "must be ..."."""
+    message = message.removeprefix("Value error, ")
+    return re.sub(r"^(?:Input|String|Dictionary|Value|Decimal|List) should ", "must ", message)
+
+
+def _describe_error(error: Any) -> str:
+    kind: str = error["type"]
+    loc: tuple[int | str, ...] = tuple(error["loc"])
+    ctx: dict[str, Any] = error.get("ctx") or {}
+    received: object = error.get("input")
+    if kind == "json_invalid":
+        return f"not valid JSON: {ctx.get('error', error['msg'])}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tag = received.get("event_type") if isinstance(received, dict) else None
+        if tag is None:
+            return f"event_type: is required (supported: {', '.join(SUPPORTED_EVENT_TYPES)})"
+        if isinstance(tag, str) and tag in EVENT_TYPES:
+            return f"event_type {tag!r} is not supported yet"
+        return f"unknown event_type {_shown(tag)}"
+    # Errors inside a tagged union are located under the tag ("survey", "ratings", ...);
+    # the tag is not a field of the payload.
+    if loc and loc[0] in SUPPORTED_EVENT_TYPES:
+        loc = loc[1:]
+    if len(loc) >= 2 and loc[-1] == "[key]":
+        where, key = _path(loc[:-2]), loc[-2]
+        return f"{where}: key {_shown(key)} {_rule(error['msg'])}"
+    where = _path(loc) or "event"
+    if kind == "missing":
+        return f"{where}: is required"
+    if kind == "extra_forbidden":
+        return f"{where}: unknown field, not allowed"
+    if kind == "timezone_aware":
+        example = "2024-05-01T10:00:00+08:00"
+        return f"{where}: must be timezone-aware, e.g. {example} (got {_shown(received)})"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"{where}: must be a JSON object (got {_json_type_name(received)})"
+    rule = _rule(error["msg"])
+    if kind in _SELF_DESCRIBING_ERRORS or (loc and loc[0] in _PII_FIELDS):
+        return f"{where}: {rule}"
+    return f"{where}: {rule} (got {_shown(received)})"
+
+
+def _reason(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    described = [_describe_error(error) for error in errors[:_MAX_REPORTED_ERRORS]]
+    if len(errors) > _MAX_REPORTED_ERRORS:
+        described.append(f"… and {len(errors) - _MAX_REPORTED_ERRORS} more errors")
+    # Dict keys and JSON error texts come from the input: keep the reason on one line.
+    return "; ".join(described).replace("\n", " ").replace("\r", " ") or "invalid event"
+
+
+def parse_event(raw: bytes | str, *, now: datetime | None = None) -> VisitEvent | SurveyEvent:
+    """Validate one raw event (a Kafka message value) into its model.
+
+    `now` (timezone-aware, default: the current UTC time) is the clock `occurred_at`
+    is checked against. Raises InvalidEvent, and nothing else, for any bad input.
+    """
+    if now is not None and now.tzinfo is None:
+        # A caller bug, not bad input: failing loudly beats dead-lettering every event.
+        raise ValueError("parse_event: `now` must be timezone-aware")
+    if isinstance(raw, bytearray | memoryview):
+        raw = bytes(raw)
+    if isinstance(raw, str):
+        if len(raw) > MAX_EVENT_BYTES:  # every character is at least one UTF-8 byte
+            raise InvalidEvent(f"event is larger than {MAX_EVENT_BYTES} bytes")
+        try:
+            raw = raw.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidEvent(f"not valid UTF-8 text: {exc.reason}") from None
+    if not isinstance(raw, bytes):
+        raise InvalidEvent(f"event must be bytes or str, got {type(raw).__name__}")
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent(f"event is larger than {MAX_EVENT_BYTES} bytes (got {len(raw)} bytes)")
+    try:
+        return _EVENT_ADAPTER.validate_json(raw, context={"now": now or datetime.now(UTC)})
+    except ValidationError as exc:
+        raise InvalidEvent(_reason(exc)) from None
+    except Exception as exc:
+        # The stream must keep running whatever arrives: an unexpected failure becomes a
+        # dead letter whose reason makes the bug visible instead of crashing the worker.
+        raise InvalidEvent(f"internal error while validating: {type(exc).__name__}: {exc}") from exc
+
+
+def event_to_json(event: VisitEvent | SurveyEvent) -> bytes:
+    """Canonical JSON of a validated event; `parse_event` reads it back to an equal model."""
+    return _EVENT_ADAPTER.dump_json(event)

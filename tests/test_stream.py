@@ -1,0 +1,154 @@
+"""The stream's per-batch processing, broker-free (a dict stands in for the
+Faust table, as Bytewax-style test helpers do); figures worked by hand."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import UTC, date, datetime
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.catalogue import load_catalogue
+from pipeline.stream import BatchProcessor, DictStore, RawRecord
+from pipeline.topics import EVENT_TOPICS
+
+CATALOGUE = load_catalogue()
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+SURVEY_TOPIC = EVENT_TOPICS["survey"].name
+VISIT_TOPIC = EVENT_TOPICS["visit"].name
+
+
+def envelope(event_type: str, dealer: str, day: str, **body: Any) -> dict[str, Any]:
+    return {
+        "event_id": str(uuid.uuid4()),
+        "event_type": event_type,
+        "schema_version": 1,
+        "dealer_id": dealer,
+        "department": "service",
+        "occurred_at": f"{day}T10:00:00Z",
+        "customer_ref": "c0ffee00c0ffee00",
+        "source": "survey_vendor" if event_type == "survey" else "dms",
+        **body,
+    }
+
+
+def survey(dealer: str, day: str, ratings: dict[str, int], recommend: int) -> dict[str, Any]:
+    return envelope(
+        "survey", dealer, day, channel="web", scale={"min": 1, "max": 10},
+        ratings=ratings, overall=8, recommend=recommend,
+    )  # fmt: skip
+
+
+def visit(dealer: str, day: str) -> dict[str, Any]:
+    return envelope(
+        "visit", dealer, day, visit_id=str(uuid.uuid4()), appointment=True,
+        arrived_at=f"{day}T09:00:00Z", greeted_at=None, promised_at=None,
+        delivered_at=None, estimate_amount=None, invoice_amount=None, comeback_of=None,
+    )  # fmt: skip
+
+
+class Feed:
+    """Numbers records like a Kafka partition would."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def __call__(self, event: dict[str, Any], partition: int = 0, **overrides: Any) -> RawRecord:
+        self.offset += 1
+        topic = EVENT_TOPICS[event["event_type"]].name
+        fields = {"topic": topic, "partition": partition, "offset": self.offset,
+                  "key": event["dealer_id"].encode(), "value": orjson.dumps(event)}  # fmt: skip
+        fields.update(overrides)
+        return RawRecord(**fields)
+
+
+@pytest.fixture
+def processor() -> BatchProcessor:
+    return BatchProcessor(DictStore(), CATALOGUE, clock=lambda: NOW)
+
+
+def by_window(snapshots: list[Any], window: str, end: date) -> Any:
+    [match] = [s for s in snapshots if s.window == window and s.window_end == end]
+    return match
+
+
+def test_batch_gives_hand_computed_csi_and_nps(processor: BatchProcessor) -> None:
+    feed = Feed()
+    # D001 on 18 Nov: quality 9 and 7 → 800; facility 6 → 600
+    # CSI = (32·800 + 15·600)/47 = 34600/47; NPS: one promoter (10), one detractor (5) → 0
+    records = [
+        feed(survey("D001", "2026-11-18", {"work_quality": 9, "waiting_clean": 6}, 10), 2),
+        feed(survey("D001", "2026-11-18", {"value_for_money": 7}, 5), 2),
+        feed(visit("D001", "2026-11-18"), 2),
+        feed(visit("D001", "2026-11-19"), 2),
+    ]
+    out = processor.process(records)
+    assert len(out.event_rows) == 4 and not out.dead_letters
+    day = by_window(out.snapshots, "day", date(2026, 11, 18))
+    assert day.csi == pytest.approx(34600 / 47, abs=1e-9)
+    assert day.factors == {"service_quality": 800.0, "service_facility": 600.0}
+    assert (day.n_responses, day.n_visits, day.nps, day.nps_n) == (2, 1, 0.0, 2)
+    # the 30-day window ending 19 Nov holds both days: same ratings, 2 visits
+    rolling = by_window(out.snapshots, "30d", date(2026, 11, 19))
+    assert rolling.window_start == date(2026, 10, 21)
+    assert rolling.csi == pytest.approx(34600 / 47, abs=1e-9)
+    assert rolling.n_visits == 2
+    assert by_window(out.snapshots, "day", date(2026, 11, 19)).csi is None  # no ratings that day
+    # the changelog goes to the partition the dealer's events came from
+    assert set(processor.store.partitions.values()) == {2}  # type: ignore[attr-defined]
+
+
+def test_replayed_event_counts_once(processor: BatchProcessor) -> None:
+    feed = Feed()
+    answer = survey("D002", "2026-11-18", {"work_quality": 10}, 9)
+    processor.process([feed(answer)])
+    out = processor.process([feed(answer), feed(answer)])
+    assert out.duplicates == 2
+    assert not out.snapshots  # nothing changed, nothing re-emitted
+    again = processor.process([feed(survey("D002", "2026-11-18", {"work_quality": 5}, 9))])
+    # 10 and 5 → mean 7.5 → 750: the replays did not count
+    assert by_window(again.snapshots, "day", date(2026, 11, 18)).csi == pytest.approx(750.0)
+
+
+def test_late_event_re_emits_the_windows_that_contain_it(processor: BatchProcessor) -> None:
+    feed = Feed()
+    processor.process([feed(survey("D003", "2026-11-19", {"work_quality": 8}, 9))])
+    out = processor.process([feed(survey("D003", "2026-11-17", {"work_quality": 6}, 9))])
+    ends = sorted(s.window_end for s in out.snapshots if s.window == "30d")
+    # windows ending 17, 18 and 19 Nov contain the 17th; none beyond the newest day (19th)
+    assert ends == [date(2026, 11, 17), date(2026, 11, 18), date(2026, 11, 19)]
+    assert by_window(out.snapshots, "30d", date(2026, 11, 19)).csi == pytest.approx(700.0)
+    assert by_window(out.snapshots, "30d", date(2026, 11, 17)).csi == pytest.approx(600.0)
+
+
+def test_malformed_input_is_dead_lettered_with_bytes_and_reason(
+    processor: BatchProcessor,
+) -> None:
+    feed = Feed()
+    good = survey("D004", "2026-11-18", {"work_quality": 8}, 9)
+    off_scale = survey("D004", "2026-11-18", {"work_quality": 11}, 9)
+    wrong_key = survey("D004", "2026-11-18", {"work_quality": 8}, 9)
+    wrong_topic = visit("D004", "2026-11-18")
+    records = [
+        feed(good),
+        feed(off_scale),
+        feed(wrong_key, key=b"D999"),
+        feed(wrong_topic, topic=SURVEY_TOPIC),
+        RawRecord(SURVEY_TOPIC, 1, 99, b"D004", b"\xff\xfe{not json"),
+    ]
+    out = processor.process(records)
+    assert len(out.event_rows) == 1
+    reasons = [dl.reason for dl in out.dead_letters]
+    assert len(reasons) == 4
+    assert "ratings.work_quality" in reasons[0]
+    assert "must equal dealer_id" in reasons[1]
+    assert "arrived on topic" in reasons[2]
+    assert reasons[3]
+    last = out.dead_letters[3]
+    assert last.dead_letter_id == f"{SURVEY_TOPIC}:1:99"
+    row = last.to_row()
+    assert base64.b64decode(row[7]) == b"\xff\xfe{not json"  # original bytes kept exactly
+    assert out.snapshots[0].n_responses == 1
