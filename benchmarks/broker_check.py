@@ -5,9 +5,12 @@ For each broker kind (pipeline.broker.EmbeddedBroker) this starts a fresh broker
 1. first consumer-group join: seconds from AIOKafkaConsumer.start() (group_id set,
    session_timeout_ms=10000) to its first fetched message, for two fresh groups;
 2. end offsets after a batched produce of N messages to a 4-partition topic, vs expected;
-3. Faust table recovery after a worker restart (benchmarks/faust_counter.py): count N
-   messages per key, SIGTERM the worker, start a new one with a fresh local state dir (so
-   the table must come back from its changelog), produce M more, compare totals to N+M;
+3. Faust table recovery after a worker restart (benchmarks/faust_counter.py, 8 keys over
+   4 partitions): worker 1 counts N messages; SIGTERM; worker 2 starts with a fresh local
+   state dir (the table can only come back from its changelog) and must show N/8 per key
+   before anything new is produced, then M more must bring it to (N+M)/8; SIGTERM; worker 3
+   (fresh state again) gets M more produced while it is still starting and recovering, the
+   race a real restart under load sees, and must reach (N+2M)/8;
 4. idempotent producers (aiokafka and kafka-python), transactions (commit visible, abort
    hidden from read_committed), auto-creation on produce, data kept across a broker restart.
 
@@ -327,27 +330,38 @@ def _faust_recovery(bootstrap: str, workdir: Path, n: int, m: int, timeout: floa
         # come back by replaying the changelog from the broker.
         return _faust_worker(bootstrap, app_id, workdir / state, totals, log_path)
 
-    with worker("state-1") as first:
-        asyncio.run(_produce_keyed(bootstrap, input_topic(app_id), n))
-        got, result.first_count_s = _wait_for_totals(totals, per_key(n), first, timeout)
-        if result.first_count_s is None:
-            result.error = f"first worker never counted {n}: {got}"
-            return result
-        result.stop_s = _stop_worker(first)
+    def phases() -> None:
+        with worker("state-1") as first:
+            asyncio.run(_produce_keyed(bootstrap, input_topic(app_id), n))
+            got, result.first_count_s = _wait_for_totals(totals, per_key(n), first, timeout)
+            if result.first_count_s is None:
+                result.error = f"first worker never counted {n}: {got}"
+                return
+            result.stop_s = _stop_worker(first)
 
-    with worker("state-2") as second:
-        result.totals_recovered, result.recovered_s = _wait_for_totals(
-            totals, per_key(n), second, timeout
+        with worker("state-2") as second:
+            result.totals_recovered, result.recovered_s = _wait_for_totals(
+                totals, per_key(n), second, timeout
+            )
+            asyncio.run(_produce_keyed(bootstrap, input_topic(app_id), m, start=n))
+            result.totals_after_m, done = _wait_for_totals(totals, per_key(n + m), second, timeout)
+            result.ok = result.recovered_s is not None and done is not None
+
+        with worker("state-3") as third:
+            # No waiting for recovery this time: the new messages race the worker's startup.
+            asyncio.run(_produce_keyed(bootstrap, input_topic(app_id), m, start=n + m))
+            result.totals_racing, done = _wait_for_totals(
+                totals, per_key(n + 2 * m), third, timeout
+            )
+            result.racing_ok = done is not None
+
+    try:
+        phases()
+    except RuntimeError as exc:
+        log_tail = (
+            log_path.read_text(errors="replace").splitlines()[-8:] if log_path.exists() else []
         )
-        asyncio.run(_produce_keyed(bootstrap, input_topic(app_id), m, start=n))
-        result.totals_after_m, done = _wait_for_totals(totals, per_key(n + m), second, timeout)
-        result.ok = result.recovered_s is not None and done is not None
-
-    with worker("state-3") as third:
-        # No waiting for recovery this time: the new messages race the worker's startup.
-        asyncio.run(_produce_keyed(bootstrap, input_topic(app_id), m, start=n + m))
-        result.totals_racing, done = _wait_for_totals(totals, per_key(n + 2 * m), third, timeout)
-        result.racing_ok = done is not None
+        raise RuntimeError(f"{exc}; worker log: {' | '.join(log_tail)}") from exc
     return result
 
 
@@ -404,6 +418,11 @@ def check_kind(kind: BrokerKind, workdir: Path, n: int, m: int, faust_timeout: f
             result.faust = _faust_recovery(bs, kind_dir, n, m, faust_timeout)
         except Exception as exc:
             result.faust.error = _describe(exc)
+        if not broker.is_running():
+            # Say so: every later failure is then the broker's death, not the check's subject.
+            tail = " | ".join(broker.log_tail(6).splitlines())
+            result.errors.append(f"broker died during the faust check; log: {tail}")
+            broker.start()
 
         def persisted() -> str:
             asyncio.run(_produce_to_partitions(bs, "check.persist", 10, 1))

@@ -306,6 +306,9 @@ class EmbeddedBroker:
         """
         if self.is_running():
             raise BrokerError(f"{self.kind} broker already running (pid {self.pid})")
+        if self._proc is not None:
+            # The previous process died by itself: reap it and release its log handle.
+            self._finish()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout

@@ -119,7 +119,6 @@ def cmd_broker(args: argparse.Namespace) -> int:
     with broker:  # starts it; stops it on the way out, Ctrl-C included
         create_topics(broker.bootstrap)
         print(f"broker ({args.broker_kind}) on {broker.bootstrap}; Ctrl-C stops it", flush=True)
-        signal.signal(signal.SIGTERM, _interrupt)
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)
@@ -175,11 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Ctrl-C and SIGTERM both mean "stop cleanly": the commands unwind through
+    # their `with`/`finally` blocks, which stop the worker and the broker. The
+    # SIGINT handler is set explicitly because a shell starts background jobs
+    # with SIGINT ignored, and Python then never installs its own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    from pipeline.broker import BrokerError
+    from pipeline.producer import ProduceError
+    from pipeline.warehouse import WarehouseError
+
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
-    except ValueError as exc:  # bad input the user can fix: say what, no traceback
+    except (ValueError, BrokerError, WarehouseError, ProduceError) as exc:
+        # something the user can fix or must know: say what, no traceback
         print(f"csi: {exc}", file=sys.stderr)
         return 2
 

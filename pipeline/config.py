@@ -28,4 +28,9 @@ class Settings:
     """Longest wait to fill a batch, seconds."""
     sink_max_rows: int = field(default_factory=lambda: int(_env("CSI_SINK_MAX_ROWS", "1000")))
     sink_max_age_s: float = field(default_factory=lambda: float(_env("CSI_SINK_MAX_AGE", "1.0")))
+    session_timeout_s: float = field(
+        default_factory=lambda: float(_env("CSI_SESSION_TIMEOUT", "10"))
+    )
+    """Consumer-group session timeout: how long a dead worker holds its
+    partitions before the group moves them (Faust's default is 60 s)."""
     log_level: str = field(default_factory=lambda: _env("CSI_LOG_LEVEL", "warning"))

@@ -95,7 +95,9 @@ class EventProducer:
             linger_ms=linger_ms,
             acks=acks,
             enable_idempotence=idempotent,
-            **kafka_config,
+            # Topics are created explicitly with their partition counts
+            # (pipeline.broker.create_topics); a typo must not create one.
+            **{"allow_auto_create_topics": False, **kafka_config},
         )
 
     @property

@@ -54,37 +54,20 @@ from typing import IO, Any, TypeVar, cast
 
 import orjson
 
+from pipeline.catalogue import load_catalogue
+
 SCHEMA_VERSION = 1
 
 _T = TypeVar("_T")
 
-# Default after-sales questionnaire of DOMAIN.md: factor -> attribute codes.
+# The questionnaire the pipeline scores (pipeline.catalogue, one place):
+# factor -> its attribute codes, and the factor weights.
+_CATALOGUE = load_catalogue()
 SERVICE_FACTORS: dict[str, tuple[str, ...]] = {
-    "service_initiation": ("booking_ease", "appointment_time", "greeted_promptly"),
-    "service_advisor": (
-        "advisor_courtesy",
-        "advisor_honesty",
-        "advisor_knowledge",
-        "promises_kept",
-        "listened",
-        "work_explained",
-    ),
-    "service_facility": ("waiting_clean", "waiting_comfort", "amenities", "location_hours"),
-    "vehicle_pickup": ("on_time", "charges_explained", "vehicle_clean", "easy_payment"),
-    "service_quality": (
-        "diagnosis_correct",
-        "fixed_first_time",
-        "work_quality",
-        "value_for_money",
-    ),
+    factor: tuple(c for c, f in _CATALOGUE.attribute_factor.items() if f == factor)
+    for factor in _CATALOGUE.factors
 }
-FACTOR_WEIGHTS: dict[str, float] = {
-    "service_initiation": 15.0,
-    "service_advisor": 19.0,
-    "service_facility": 15.0,
-    "vehicle_pickup": 19.0,
-    "service_quality": 32.0,
-}
+FACTOR_WEIGHTS: dict[str, float] = dict(_CATALOGUE.factor_weights)
 # Sales surveys rate the sales experience; these codes are outside the
 # after-sales catalogue on purpose (DOMAIN.md: stored, counted toward no
 # factor), while their overall/recommend feed NPS and the loyalty matrix.
@@ -625,7 +608,7 @@ class _Simulation:
             for code, factor in _ATTRIBUTE_FACTOR.items():
                 attribute_latent[code] = (
                     factor_latent[factor]
-                    + _ATTRIBUTE_OFFSET[code]
+                    + _ATTRIBUTE_OFFSET.get(code, 0.0)
                     + dealer.attribute_effect[code]
                     + rng.gauss(0.0, 0.5)
                 )
@@ -638,7 +621,7 @@ class _Simulation:
             for code in SALES_ATTRIBUTES:
                 attribute_latent[code] = (
                     base
-                    + _ATTRIBUTE_OFFSET[code]
+                    + _ATTRIBUTE_OFFSET.get(code, 0.0)
                     + dealer.attribute_effect[code]
                     + rng.gauss(0, 0.6)
                 )
@@ -664,7 +647,9 @@ class _Simulation:
             expectation = _to_scale(8.6 + rng.gauss(0.0, 0.9), high)
             perception = _to_scale(overall_latent + rng.gauss(0.0, 0.5), high)
             expectations = {
-                code: _to_scale(8.7 - 0.5 * _ATTRIBUTE_OFFSET[code] + rng.gauss(0.0, 0.7), high)
+                code: _to_scale(
+                    8.7 - 0.5 * _ATTRIBUTE_OFFSET.get(code, 0.0) + rng.gauss(0.0, 0.7), high
+                )
                 for code in ratings
             }
 

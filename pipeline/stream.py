@@ -27,6 +27,7 @@ from pipeline.metrics import (
     window_days,
 )
 from pipeline.topics import EVENT_TOPICS
+from pipeline.warehouse import dead_letter_row
 from schemas import InvalidEvent, SurveyEvent, VisitEvent, event_to_json, parse_event
 
 TOPIC_EVENT_TYPE = {spec.name: event_type for event_type, spec in EVENT_TOPICS.items()}
@@ -60,17 +61,14 @@ class DeadLetter:
         return f"{self.source_topic}:{self.partition}:{self.offset}"
 
     def to_row(self) -> tuple[Any, ...]:
-        """In `warehouse.DEAD_LETTERS_COLUMNS` order."""
-        return (
-            self.dead_letter_id,
-            self.received_at,
-            self.source_topic,
-            self.partition,
-            self.offset,
-            self.key,
-            self.reason,
-            base64.b64encode(self.raw).decode("ascii"),
-            self.raw.decode("utf-8", errors="replace")[:500],
+        return dead_letter_row(
+            source_topic=self.source_topic,
+            partition=self.partition,
+            offset=self.offset,
+            key=self.key,
+            reason=self.reason,
+            raw=self.raw,
+            received_at=self.received_at,
         )
 
     def to_message(self) -> dict[str, Any]:
@@ -332,7 +330,6 @@ def snapshot(
     computed_at: datetime,
     version: int,
 ) -> Snapshot:
-    result = figures(bucket, catalogue)
     return Snapshot(
         scope=scope,
         key=key,
@@ -340,17 +337,9 @@ def snapshot(
         window=window,
         window_start=window_start,
         window_end=window_end,
-        n_responses=result.n_responses,
-        n_visits=result.n_visits,
-        csi=result.csi,
-        factors=result.factors,
-        factor_n=result.factor_n,
-        nps=result.nps,
-        nps_n=result.nps_n,
-        nps_se=result.nps_se,
-        weights_version=result.weights_version,
         computed_at=computed_at,
         version=version,
+        **asdict(figures(bucket, catalogue)),
     )
 
 

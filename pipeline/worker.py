@@ -72,6 +72,8 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
         topic_partitions=EVENT_PARTITIONS,
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=max(settings.session_timeout_s / 3, 1.0),
     )
     buckets = PartitionedTable(
         app,

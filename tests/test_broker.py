@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,3 +218,18 @@ def test_default_log_path_is_per_kind(tmp_path: Path) -> None:
     tansu = EmbeddedBroker("tansu", data_dir=tmp_path)
     assert noida.log_path != tansu.log_path
     assert noida.log_path.parent == tmp_path.resolve()
+
+
+@pytest.mark.integration
+def test_start_again_after_the_broker_died_by_itself(broker_factory: BrokerFactory) -> None:
+    instance = broker_factory("noida").start()
+    pid = instance.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # a crash, not a kill() through the object
+    deadline = time.monotonic() + 10
+    while instance.is_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not instance.is_running()
+    instance.start()
+    assert instance.pid != pid
+    create_topics(instance.bootstrap, [METRICS])

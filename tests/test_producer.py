@@ -1,20 +1,33 @@
-"""Producer: record encoding and delivery accounting, against a stand-in for KafkaProducer.
+"""Producer: record encoding (pure), and routing and delivery accounting against a real broker.
 
-The end-to-end path against a real broker is covered by the integration tests.
+The integration tests run kafka-python's real KafkaProducer against the embedded noida-db
+broker (``broker`` / ``broker_factory`` fixtures) and read the records back with a real
+KafkaConsumer; every failure they provoke is a real one (broker-side rejection, a stopped
+broker, kafka-python's own size check). Only the pacing test fakes something: the clock.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from datetime import date
 from typing import Any
 
 import orjson
 import pytest
-from kafka.future import Future
+from kafka import KafkaConsumer
+from kafka.errors import (
+    IllegalStateError,
+    KafkaConfigurationError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+)
+from kafka.structs import TopicPartition
 
 import pipeline.producer as producer_module
+from pipeline.broker import EmbeddedBroker, create_topics
 from pipeline.producer import (
     EventProducer,
     ProduceError,
@@ -24,7 +37,19 @@ from pipeline.producer import (
     record_for,
 )
 from pipeline.simulator import simulate, write_jsonl
-from pipeline.topics import topic_for
+from pipeline.topics import ALL_TOPICS, DEAD_LETTERS, METRICS, topic_for
+from tests.broker_fixture import BrokerFactory
+
+Record = tuple[str, bytes | None, bytes]
+"""(topic, key, value) of a record as read back from the broker."""
+
+KAFKA_MAX_REQUEST_SIZE = 1_048_576
+"""kafka-python's default max_request_size: a larger record is refused before queueing."""
+
+OVERSIZED = b"x" * 1_200_000
+"""Bigger than the broker's (and kafka-python's default) maximum message size."""
+
+ROUND_TRIP_TIMEOUT_S = 15.0
 
 
 @pytest.fixture
@@ -67,138 +92,212 @@ def test_record_for_rejects_unroutable_events(event: dict[str, Any], message: st
         record_for(event)
 
 
-class FakeKafkaProducer:
-    """Records sends; the test resolves each returned future by hand."""
-
-    def __init__(self, **config: Any) -> None:
-        self.config = config
-        self.records: list[tuple[str, bytes, bytes | None]] = []
-        self.futures: list[Future] = []
-        self.refuse: Exception | None = None
-        self.flushed = 0
-        self.closed = False
-
-    def send(self, topic: str, value: bytes, key: bytes | None = None) -> Future:
-        if self.refuse is not None:
-            raise self.refuse
-        self.records.append((topic, value, key))
-        future = Future()
-        self.futures.append(future)
-        return future
-
-    def flush(self, timeout: float | None = None) -> None:
-        self.flushed += 1
-
-    def close(self, timeout: float | None = None) -> None:
-        self.closed = True
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.02)
 
 
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[FakeKafkaProducer]]:
-    made: list[FakeKafkaProducer] = []
+def _read_back(bootstrap: str) -> list[tuple[Record, int]]:
+    """Every record of every pipeline topic, with its partition, read from the beginning.
 
-    def factory(**config: Any) -> FakeKafkaProducer:
-        made.append(FakeKafkaProducer(**config))
-        return made[-1]
-
-    monkeypatch.setattr(producer_module, "KafkaProducer", factory)
-    yield made
-
-
-def test_config_defaults_and_idempotence_flag(fake: list[FakeKafkaProducer]) -> None:
-    EventProducer("broker:9092")
-    assert fake[0].config == {
-        "bootstrap_servers": "broker:9092",
-        "linger_ms": 20,
-        "acks": "all",
-        "enable_idempotence": False,
-    }
-    EventProducer("b1:9092,b2:9092", linger_ms=5, acks=1, idempotent=True, client_id="sim")
-    assert fake[1].config == {
-        "bootstrap_servers": "b1:9092,b2:9092",
-        "linger_ms": 5,
-        "acks": 1,
-        "enable_idempotence": True,
-        "client_id": "sim",
-    }
+    Polls until as many records arrived as the end offsets say the topics hold, or fails
+    after ROUND_TRIP_TIMEOUT_S.
+    """
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        partitions = [
+            TopicPartition(spec.name, partition)
+            for spec in ALL_TOPICS
+            for partition in range(spec.partitions)
+        ]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        expected = sum(consumer.end_offsets(partitions).values())
+        records: list[tuple[Record, int]] = []
+        deadline = time.monotonic() + ROUND_TRIP_TIMEOUT_S
+        while len(records) < expected:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"read {len(records)} of {expected} records in time")
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(((m.topic, m.key, m.value), m.partition) for m in batch)
+        return records
+    finally:
+        consumer.close()
 
 
-def test_send_routes_and_counts_deliveries(
-    fake: list[FakeKafkaProducer], events: list[dict[str, Any]]
-) -> None:
-    producer = EventProducer("broker:9092")
-    for event in events:
-        producer.send(event)
-    producer.send_raw("csi.events.survey", b"{not json", key=None)
-    kafka = fake[0]
-    assert kafka.records[0] == (
-        topic_for(events[0]["event_type"]),
-        orjson.dumps(events[0]),
-        events[0]["dealer_id"].encode(),
-    )
-    assert kafka.records[-1] == ("csi.events.survey", b"{not json", None)
-    assert producer.pending == len(events) + 1 and producer.sent == 0
-    for future in kafka.futures:
-        future.success(object())
+@pytest.mark.integration
+def test_config_defaults_and_idempotence_flag(broker: EmbeddedBroker) -> None:
+    with EventProducer(broker.bootstrap) as producer:
+        config = producer._producer.config
+        assert config["bootstrap_servers"] == broker.bootstrap
+        assert (config["linger_ms"], config["acks"]) == (20, -1)  # kafka-python: "all" is -1
+        # Off unless asked for, although kafka-python 3 would turn it on by itself.
+        assert config["enable_idempotence"] is False
+    with EventProducer(broker.bootstrap, linger_ms=5, acks=1, client_id="sim") as producer:
+        config = producer._producer.config
+        assert (config["linger_ms"], config["acks"], config["client_id"]) == (5, 1, "sim")
+        assert config["enable_idempotence"] is False
+    # noida-db implements InitProducerId, so an idempotent producer delivers here.
+    with EventProducer(broker.bootstrap, idempotent=True) as producer:
+        assert producer._producer.config["enable_idempotence"] is True
+        producer.send_raw(METRICS.name, b"{}", b"D001")
+    assert (producer.sent, producer.failed) == (1, 0)
+    with pytest.raises(KafkaConfigurationError, match="acks=1"):
+        EventProducer(broker.bootstrap, acks=1, idempotent=True)
+
+
+@pytest.mark.integration
+def test_send_routes_by_type_and_keys_by_dealer(broker: EmbeddedBroker) -> None:
+    events = list(simulate(3, 2, end=date(2024, 6, 30), seed=1))
+    assert {e["event_type"] for e in events} == {"visit", "survey"}
+    raw = (topic_for("survey"), None, b"{not json")
+    with EventProducer(broker.bootstrap) as producer:
+        for event in events:
+            producer.send(event)
+        producer.send_raw(raw[0], raw[2], raw[1])  # bytes as they are, no key
     assert (producer.sent, producer.failed, producer.pending) == (len(events) + 1, 0, 0)
-    producer.flush(timeout=1.0)
-    assert kafka.flushed == 1
+
+    read = _read_back(broker.bootstrap)
+    expected = [
+        (topic_for(e["event_type"]), e["dealer_id"].encode(), encode_value(e)) for e in events
+    ]
+    assert Counter(record for record, _ in read) == Counter([*expected, raw])
+    partitions_of: defaultdict[bytes, set[int]] = defaultdict(set)
+    for (_topic, key, _value), partition in read:
+        if key is not None:
+            partitions_of[key].add(partition)
+    assert sorted(partitions_of) == [b"D001", b"D002", b"D003"]
+    # One partition number per dealer across every event topic (co-partitioning).
+    assert all(len(partitions) == 1 for partitions in partitions_of.values()), partitions_of
 
 
-def test_delivery_failure_makes_flush_raise(
-    fake: list[FakeKafkaProducer], events: list[dict[str, Any]]
+@pytest.mark.integration
+def test_produce_events_sends_all_then_flushes(
+    broker: EmbeddedBroker, events: list[dict[str, Any]]
 ) -> None:
-    producer = EventProducer("broker:9092")
-    for event in events[:3]:
-        producer.send(event)
-    first, second = RuntimeError("leader not available"), RuntimeError("timed out")
-    kafka = fake[0]
-    kafka.futures[0].success(object())
-    kafka.futures[1].failure(first)
-    kafka.futures[2].failure(second)
-    assert (producer.sent, producer.failed) == (1, 2)
-    assert producer.first_error is first
-    with pytest.raises(ProduceError) as raised:
-        producer.flush()
-    assert raised.value.failed == 2 and raised.value.first_error is first
-    with pytest.raises(ProduceError):  # a failure is never forgotten
-        producer.flush()
+    # A long linger keeps records queued until something flushes them.
+    producer = EventProducer(broker.bootstrap, linger_ms=60_000)
+    try:
+        assert produce_events(producer, iter(events)) == len(events)
+        assert (producer.sent, producer.failed, producer.pending) == (len(events), 0, 0)
+    finally:
+        producer.close()
+    assert Counter(record for record, _ in _read_back(broker.bootstrap)) == Counter(
+        record_for(event) for event in events
+    )
 
 
-def test_refused_send_is_counted_and_reraised(
-    fake: list[FakeKafkaProducer], events: list[dict[str, Any]]
-) -> None:
-    producer = EventProducer("broker:9092")
-    fake[0].refuse = BufferError("buffer full")
-    with pytest.raises(BufferError):
-        producer.send(events[0])
-    assert producer.failed == 1 and producer.pending == 0
-    with pytest.raises(ProduceError):
-        producer.flush()
+@pytest.mark.integration
+def test_broker_rejection_makes_flush_raise(broker: EmbeddedBroker) -> None:
+    # kafka-python lets the record through (max_request_size raised); the broker refuses it.
+    producer = EventProducer(broker.bootstrap, max_request_size=4 * KAFKA_MAX_REQUEST_SIZE)
+    try:
+        producer.send_raw(METRICS.name, b"{}", b"D001")
+        producer.send_raw(DEAD_LETTERS.name, OVERSIZED, b"D002")
+        producer.send_raw(METRICS.name, b"{}", b"D003")
+        with pytest.raises(ProduceError) as raised:
+            producer.flush()
+        assert (producer.sent, producer.failed, producer.pending) == (2, 1, 0)
+        assert raised.value.failed == 1
+        assert isinstance(raised.value.first_error, MessageSizeTooLargeError)
+        assert raised.value.first_error is producer.first_error
+        with pytest.raises(ProduceError):  # a failure is never forgotten
+            producer.flush()
+    finally:
+        producer.close()
 
 
-def test_context_manager_flushes_then_closes(
-    fake: list[FakeKafkaProducer], events: list[dict[str, Any]]
-) -> None:
-    with EventProducer("broker:9092") as producer:
-        producer.send(events[0])
-        fake[0].futures[0].success(object())
-    assert fake[0].flushed == 1 and fake[0].closed
+@pytest.mark.integration
+def test_stopped_broker_makes_flush_raise(broker_factory: BrokerFactory) -> None:
+    broker = broker_factory().start()
+    create_topics(broker.bootstrap, [METRICS])
+    producer = EventProducer(
+        broker.bootstrap,
+        linger_ms=0,
+        delivery_timeout_ms=1500,
+        request_timeout_ms=1000,
+        max_block_ms=1000,
+        reconnect_backoff_max_ms=200,
+    )
+    try:
+        producer.send_raw(METRICS.name, b"{}", b"D001")  # also caches the topic's metadata
+        producer.flush(timeout=10)
+        broker.stop()
+        producer.send_raw(METRICS.name, b"{}", b"D001")
+        producer.send_raw(METRICS.name, b"{}", b"D002")
+        with pytest.raises(ProduceError) as raised:  # not KafkaTimeoutError: all expired
+            producer.flush(timeout=10)
+        assert (producer.sent, producer.failed, producer.pending) == (1, 2, 0)
+        assert raised.value.failed == 2
+        assert isinstance(raised.value.first_error, KafkaTimeoutError)
+    finally:
+        producer.close(timeout=5)
 
-    with pytest.raises(ProduceError), EventProducer("broker:9092") as producer:
-        producer.send(events[0])
-        fake[1].futures[0].failure(RuntimeError("gone"))
-    assert fake[1].closed
+
+@pytest.mark.integration
+def test_refused_send_is_counted_and_reraised(broker: EmbeddedBroker) -> None:
+    producer = EventProducer(broker.bootstrap)
+    try:
+        producer.send_raw(METRICS.name, b"{}", b"D001")
+        # Over kafka-python's max_request_size: refused on the spot, nothing is queued.
+        with pytest.raises(MessageSizeTooLargeError) as refused:
+            producer.send_raw(DEAD_LETTERS.name, OVERSIZED, b"D001")
+        assert producer.failed == 1 and producer.first_error is refused.value
+        with pytest.raises(ProduceError) as raised:
+            producer.flush()
+        assert raised.value.first_error is refused.value
+        assert (producer.sent, producer.failed, producer.pending) == (1, 1, 0)
+    finally:
+        producer.close()
+    # Any other refusal is counted the same way: here, sending on a closed client.
+    with pytest.raises(IllegalStateError):
+        producer.send_raw(METRICS.name, b"{}", b"D001")
+    assert (producer.failed, producer.pending) == (2, 0)
+    # Nothing of the refused records reached the broker.
+    assert [record for record, _ in _read_back(broker.bootstrap)] == [
+        (METRICS.name, b"D001", b"{}")
+    ]
 
 
-def test_context_manager_keeps_the_body_error(
-    fake: list[FakeKafkaProducer], events: list[dict[str, Any]]
-) -> None:
-    with pytest.raises(KeyError), EventProducer("broker:9092") as producer:
-        producer.send(events[0])
-        fake[0].futures[0].failure(RuntimeError("gone"))
+@pytest.mark.integration
+def test_context_manager_flushes_then_closes(broker: EmbeddedBroker) -> None:
+    # A long linger keeps records queued until something flushes them.
+    with EventProducer(broker.bootstrap, linger_ms=60_000) as producer:
+        for dealer in (b"D001", b"D002", b"D003"):
+            producer.send_raw(METRICS.name, b"{}", dealer)
+        assert producer.pending == 3
+    assert (producer.sent, producer.failed, producer.pending) == (3, 0, 0)
+    with pytest.raises(IllegalStateError):  # closed
+        producer.send_raw(METRICS.name, b"{}", b"D001")
+
+    # A delivery failure surfaces from the with-statement (only flush raises it), and the
+    # client is still closed.
+    with (
+        pytest.raises(ProduceError),
+        EventProducer(
+            broker.bootstrap, linger_ms=60_000, max_request_size=4 * KAFKA_MAX_REQUEST_SIZE
+        ) as producer,
+    ):
+        producer.send_raw(DEAD_LETTERS.name, OVERSIZED, b"D001")
+    assert (producer.sent, producer.failed, producer.pending) == (0, 1, 0)
+    with pytest.raises(IllegalStateError):
+        producer.send_raw(METRICS.name, b"{}", b"D001")
+
+
+@pytest.mark.integration
+def test_context_manager_keeps_the_body_error(broker: EmbeddedBroker) -> None:
+    with (
+        pytest.raises(KeyError, match="body failed"),
+        EventProducer(broker.bootstrap, max_request_size=4 * KAFKA_MAX_REQUEST_SIZE) as producer,
+    ):
+        producer.send_raw(DEAD_LETTERS.name, OVERSIZED, b"D001")
+        _wait_for(lambda: producer.failed == 1)  # a flush on the way out would now raise
         raise KeyError("body failed")
-    assert fake[0].closed and fake[0].flushed == 0
+    with pytest.raises(IllegalStateError):  # closed all the same
+        producer.send_raw(METRICS.name, b"{}", b"D001")
 
 
 class RecordingSink:
@@ -211,12 +310,6 @@ class RecordingSink:
 
     def flush(self, timeout: float | None = None) -> None:
         self.flushes += 1
-
-
-def test_produce_events_sends_all_then_flushes(events: list[dict[str, Any]]) -> None:
-    sink = RecordingSink()
-    assert produce_events(sink, iter(events)) == len(events)
-    assert sink.events == events and sink.flushes == 1
 
 
 class FakeClock:
