@@ -69,6 +69,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     events = simulate(
         args.dealers, args.days, seed=args.seed, drops=[parse_drop(t) for t in args.drop]
     )
+    if args.registry_out:
+        from pipeline.registry import write_registry
+        from pipeline.simulator import simulated_registry
+
+        write_registry(simulated_registry(args.dealers, seed=args.seed), args.registry_out)
     if args.bootstrap:
         from pipeline.producer import EventProducer, produce_events
 
@@ -80,6 +85,38 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         count = write_jsonl(events, args.out)
         print(f"wrote {count} events to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from datetime import date
+
+    from pipeline.batch import metrics_report, run_batch
+    from pipeline.catalogue import load_catalogue
+    from pipeline.metrics import WINDOWS
+    from pipeline.registry import load_registry
+
+    if args.window not in WINDOWS:
+        raise ValueError(f"--window must be one of {', '.join(WINDOWS)} (got {args.window!r})")
+    catalogue = load_catalogue()
+    registry = load_registry(args.registry) if args.registry else None
+    with open(args.events, "rb") as events:
+        state = run_batch(events, catalogue, registry=registry, lateness_days=args.lateness_days)
+    for dead in state.dead_letters:  # the offset of a batch record is its line number
+        print(f"{args.events}:{dead.offset}: {dead.reason}", file=sys.stderr)
+    report = metrics_report(
+        state, catalogue, scope=args.by, window=args.window,
+        as_of=date.fromisoformat(args.as_of), department=args.department,
+    )  # fmt: skip
+    sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    sys.stdout.buffer.write(b"\n")
+    if state.dead_letters:
+        print(
+            f"csi metrics: {len(state.dead_letters)} invalid line(s) skipped, "
+            f"{state.events} event(s) used",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -148,12 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--warehouse", help="warehouse URL (CSI_WAREHOUSE)")
     worker.set_defaults(func=cmd_worker)
 
-    simulate = sub.add_parser("simulate", help="emit simulated visits and surveys")
+    simulate = sub.add_parser(
+        "simulate", help="emit simulated visits, surveys, calls, complaints and audits"
+    )
     _add_simulation_args(simulate)
     simulate.add_argument("--out", help="JSON lines file ('-' or absent: stdout)")
     simulate.add_argument("--bootstrap", help="produce to this Kafka instead of writing a file")
     simulate.add_argument("--rate", type=float, default=0.0, help="events/s (0: flat out)")
+    simulate.add_argument("--registry-out", help="also write the simulated dealer registry (CSV)")
     simulate.set_defaults(func=cmd_simulate)
+
+    metrics = sub.add_parser(
+        "metrics", help="recompute figures from a JSON-lines file of events (batch)"
+    )
+    metrics.add_argument("events", help="JSON lines, the same JSON that goes to Kafka")
+    metrics.add_argument("--as-of", required=True, help="window end date, YYYY-MM-DD")
+    metrics.add_argument("--window", default="30d", help="day, 7d, 30d, 90d or month")
+    metrics.add_argument("--by", choices=("dealer", "region", "brand", "network"), default="dealer")
+    metrics.add_argument("--department", choices=("service", "sales"), default="service")
+    metrics.add_argument(
+        "--registry", help="dealer registry CSV (dealer_id,name,region,brand,group)"
+    )
+    metrics.add_argument("--lateness-days", type=int, default=35)
+    metrics.set_defaults(func=cmd_metrics)
 
     query = sub.add_parser("query", help="run SQL against the warehouse and print the result")
     query.add_argument("sql")
@@ -182,13 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     from pipeline.broker import BrokerError
     from pipeline.producer import ProduceError
+    from pipeline.registry import RegistryError
     from pipeline.warehouse import WarehouseError
 
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
-    except (ValueError, BrokerError, WarehouseError, ProduceError) as exc:
+    except (ValueError, OSError, BrokerError, WarehouseError, ProduceError, RegistryError) as exc:
         # something the user can fix or must know: say what, no traceback
         print(f"csi: {exc}", file=sys.stderr)
         return 2

@@ -33,4 +33,12 @@ class Settings:
     )
     """Consumer-group session timeout: how long a dead worker holds its
     partitions before the group moves them (Faust's default is 60 s)."""
+    registry: Path | None = field(
+        default_factory=lambda: Path(p) if (p := os.environ.get("CSI_REGISTRY")) else None
+    )
+    """Dealer registry CSV (dealer_id,name,region,brand,group). With one, an
+    event of an unlisted dealer is a dead letter; without, region and brand
+    are 'unknown'."""
+    lateness_days: int = field(default_factory=lambda: int(_env("CSI_LATENESS_DAYS", "35")))
+    """How far behind its dealer's newest event an event may arrive and still count."""
     log_level: str = field(default_factory=lambda: _env("CSI_LOG_LEVEL", "warning"))

@@ -1,9 +1,10 @@
 """Every satisfaction formula, once, as pure functions over plain data.
 
 The stream (Faust worker) and the batch path (`csi metrics`, tests) both go
-through `Bucket` — mergeable sufficient statistics for one dealer, department
-and day — and `figures()`, so both give identical numbers. A rolling window
-is the merge of its daily buckets.
+through `Bucket` — mergeable sufficient statistics for one unit (dealer,
+region, brand or network; one department) and one day — and `figures()`, so
+both give identical numbers. A window is the merge of its daily buckets; a
+roll-up is the merge of its dealers' buckets.
 
 Conventions (DOMAIN.md, issue 3):
 - a rating x on a scale [lo, hi] is rescaled to 1–10: x10 = 1 + 9·(x−lo)/(hi−lo);
@@ -11,7 +12,20 @@ Conventions (DOMAIN.md, issue 3):
   attributes in the window; CSI = Σ w_f·index_f / Σ w_f over factors with data;
 - NPS = 100·(promoters − detractors)/n over surveys with `recommend`
   (promoters 9–10, detractors 0–6), standard error 100·sqrt((p+d−(p−d)²)/n);
-- a window of N days ending on D holds events whose UTC date is in [D−N+1, D].
+- satisfaction rate: `overall` at or above the middle of its scale;
+  CSAT top-2-box: `overall` in the two highest points;
+- satisfaction degree = Σ w_f·mean(100·(x−lo)/(hi−lo))_f / Σ w_f; since
+  100·(x−lo)/(hi−lo) = 100·(x10−1)/9 it follows from the factor sums;
+- CSM: each catalogue rating mapped to −90 + 180·(x−lo)/(hi−lo) = −90 + 20·(x10−1),
+  averaged over all of them;
+- CSS ratio per response = perception / expectation; exceeded above 1 + ε,
+  disappointed below 1 − ε, met otherwise (ε = 0.05);
+- SERVQUAL gap per RATER dimension = mean of x10(rating) − x10(expectation);
+- mystery-shop score = 100 · Σ w·pass / Σ w·(pass + fail), N/A items leave both;
+- response rate = surveys / visits · 100; complaints per 100 visits count
+  complaints opened in the window;
+- a window of N days ending on D holds events whose UTC date is in
+  [D−N+1, D]; a calendar month window ending on D holds the month up to D.
 """
 
 from __future__ import annotations
@@ -20,12 +34,27 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from typing import Any, Protocol
+from typing import Any
 
-from pipeline.catalogue import Catalogue
+from pipeline.catalogue import RATER_DIMENSIONS, Catalogue
+from schemas import (
+    AnyEvent,
+    CallEvent,
+    ComplaintEvent,
+    MysteryShopEvent,
+    Scale,
+    SurveyEvent,
+    VisitEvent,
+)
 
-WINDOWS: dict[str, int] = {"day": 1, "30d": 30}
-"""Window name → length in days, for the snapshots the worker emits."""
+CSS_EPSILON = 0.05
+"""Tolerance around a CSS ratio of 1 within which expectations count as met."""
+
+WINDOWS: dict[str, int | None] = {"day": 1, "7d": 7, "30d": 30, "90d": 90, "month": None}
+"""Window name → length in days; None for the calendar month to date."""
+
+LONGEST_WINDOW_DAYS = 90
+"""No window reaches further back than this from its end date."""
 
 
 # --- scalar formulas -------------------------------------------------------
@@ -36,7 +65,7 @@ def rescale_to_10(x: float, lo: float, hi: float) -> float:
     return 1.0 + 9.0 * (x - lo) / (hi - lo)
 
 
-def factor_index(sum_x10: float, n: int) -> float | None:
+def factor_index(sum_x10: float, n: float) -> float | None:
     """100 · mean rating on the 1–10 scale (100–1000); None without ratings."""
     return 100.0 * sum_x10 / n if n else None
 
@@ -50,12 +79,12 @@ def csi(factor_indices: Mapping[str, float | None], weights: Mapping[str, float]
     return sum(w * v for w, v in present) / total_weight
 
 
-def nps(promoters: int, detractors: int, n: int) -> float | None:
+def nps(promoters: float, detractors: float, n: float) -> float | None:
     """Net promoter score, −100…100; None without answers."""
     return 100.0 * (promoters - detractors) / n if n else None
 
 
-def nps_standard_error(promoters: int, detractors: int, n: int) -> float | None:
+def nps_standard_error(promoters: float, detractors: float, n: float) -> float | None:
     """Standard error of NPS in points: 100·sqrt((p + d − (p − d)²)/n)."""
     if not n:
         return None
@@ -67,25 +96,39 @@ def nps_category(recommend: int) -> str:
     return "promoter" if recommend >= 9 else "detractor" if recommend <= 6 else "passive"
 
 
-# --- the events as the formulas see them ------------------------------------
+def percent(part: float, whole: float) -> float | None:
+    """100 · part / whole; None when there is nothing to divide by."""
+    return 100.0 * part / whole if whole else None
 
 
-class ScaleLike(Protocol):
-    @property
-    def min(self) -> int: ...
-    @property
-    def max(self) -> int: ...
+def mean(total: float, n: float) -> float | None:
+    return total / n if n else None
 
 
-class SurveyLike(Protocol):
-    """What the formulas read of a survey (schemas.SurveyEvent satisfies it)."""
+def satisfaction_degree_from_x10(mean_x10: float) -> float:
+    """An item's 0–100 satisfaction degree from its mean on the 1–10 scale."""
+    return 100.0 * (mean_x10 - 1.0) / 9.0
 
-    @property
-    def scale(self) -> ScaleLike: ...
-    @property
-    def ratings(self) -> Mapping[str, float]: ...
-    @property
-    def recommend(self) -> int | None: ...
+
+def csm_from_x10(mean_x10: float) -> float:
+    """CSM (−90…+90) from the mean on the 1–10 scale: −90 + 20·(x10 − 1)."""
+    return -90.0 + 20.0 * (mean_x10 - 1.0)
+
+
+def css_verdict(ratio: float, epsilon: float = CSS_EPSILON) -> str:
+    if ratio > 1.0 + epsilon:
+        return "exceeded"
+    return "disappointed" if ratio < 1.0 - epsilon else "met"
+
+
+def is_top2(x: float, scale: Scale) -> bool:
+    """In the two highest points of the scale."""
+    return x >= scale.max - 1
+
+
+def is_satisfied(x: float, scale: Scale) -> bool:
+    """At or above the middle of the scale: (x − min)/(max − min) ≥ 0.5."""
+    return (x - scale.min) / (scale.max - scale.min) >= 0.5
 
 
 # --- mergeable sufficient statistics ----------------------------------------
@@ -93,79 +136,141 @@ class SurveyLike(Protocol):
 
 @dataclass
 class Bucket:
-    """Sufficient statistics of one unit (dealer, department) over some days.
+    """Sufficient statistics of one unit over some days: named sums and counts.
 
-    Only sums and counts: merging two buckets is adding them, so windows and
-    roll-ups are sums of daily buckets, in any order.
+    Only sums: merging two buckets adds them, so windows and roll-ups are
+    sums of daily buckets in any order. Names with a `:` carry a factor,
+    RATER dimension or audit section after it.
     """
 
-    n_visits: int = 0
-    n_responses: int = 0
-    factor_n: dict[str, int] = field(default_factory=dict)
-    factor_sum: dict[str, float] = field(default_factory=dict)
-    factor_sumsq: dict[str, float] = field(default_factory=dict)
-    nps_n: int = 0
-    promoters: int = 0
-    detractors: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
 
-    def add_visit(self) -> None:
-        self.n_visits += 1
+    def add(self, name: str, value: float = 1.0) -> None:
+        self.stats[name] = self.stats.get(name, 0.0) + value
 
-    def add_survey(self, survey: SurveyLike, catalogue: Catalogue) -> None:
-        self.n_responses += 1
-        lo, hi = survey.scale.min, survey.scale.max
-        for code, rating in survey.ratings.items():
+    def get(self, name: str) -> float:
+        return self.stats.get(name, 0.0)
+
+    def merge(self, other: Bucket) -> None:
+        """Add `other` into this bucket (in place)."""
+        for name, value in other.stats.items():
+            self.stats[name] = self.stats.get(name, 0.0) + value
+
+    def minus(self, other: Bucket) -> Bucket:
+        """This bucket less `other` (the change from `other` to this one)."""
+        diff = dict(self.stats)
+        for name, value in other.stats.items():
+            diff[name] = diff.get(name, 0.0) - value
+        return Bucket({k: v for k, v in diff.items() if v != 0.0})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.stats)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Bucket:
+        return cls({str(k): float(v) for k, v in data.items()})
+
+    # -- events ---------------------------------------------------------------
+
+    def add_event(self, event: AnyEvent, catalogue: Catalogue) -> None:
+        if isinstance(event, SurveyEvent):
+            self.add("surveys")
+            self._add_response(event.scale, event.ratings, event.overall, catalogue)
+            self._add_survey_extras(event, catalogue)
+        elif isinstance(event, VisitEvent):
+            self._add_visit(event)
+        elif isinstance(event, CallEvent):
+            self._add_call(event, catalogue)
+        elif isinstance(event, ComplaintEvent):
+            self._add_complaint(event)
+        elif isinstance(event, MysteryShopEvent):
+            self._add_audit(event)
+
+    def _add_response(
+        self,
+        scale: Scale,
+        ratings: Mapping[str, float],
+        overall: float | None,
+        catalogue: Catalogue,
+    ) -> None:
+        """A survey, or a call carrying ratings: both are responses."""
+        self.add("responses")
+        lo, hi = scale.min, scale.max
+        for code, rating in ratings.items():
             factor = catalogue.attribute_factor.get(code)
             if factor is None:  # outside the catalogue: stored raw, counts toward no factor
                 continue
             x10 = rescale_to_10(rating, lo, hi)
-            self.factor_n[factor] = self.factor_n.get(factor, 0) + 1
-            self.factor_sum[factor] = self.factor_sum.get(factor, 0.0) + x10
-            self.factor_sumsq[factor] = self.factor_sumsq.get(factor, 0.0) + x10 * x10
+            self.add(f"factor_n:{factor}")
+            self.add(f"factor_sum:{factor}", x10)
+            self.add(f"factor_sumsq:{factor}", x10 * x10)
+        if overall is not None:
+            self.add("overall_n")
+            self.add("overall_top2", is_top2(overall, scale))
+            self.add("overall_satisfied", is_satisfied(overall, scale))
+
+    def _add_survey_extras(self, survey: SurveyEvent, catalogue: Catalogue) -> None:
+        lo, hi = survey.scale.min, survey.scale.max
         if survey.recommend is not None:
-            self.nps_n += 1
+            self.add("nps_n")
             category = nps_category(survey.recommend)
-            self.promoters += category == "promoter"
-            self.detractors += category == "detractor"
+            self.add("promoters", category == "promoter")
+            self.add("detractors", category == "detractor")
+        # both on the survey's scale; a ratio needs a positive expectation
+        if survey.perception is not None and survey.expectation:
+            ratio = survey.perception / survey.expectation
+            self.add("css_n")
+            self.add("css_sum", ratio)
+            self.add(f"css_{css_verdict(ratio)}")
+        for code, expected in survey.expectations.items():
+            dimension = catalogue.attribute_dimension.get(code)
+            rating = survey.ratings.get(code)
+            if dimension is None or rating is None:
+                continue
+            gap = rescale_to_10(rating, lo, hi) - rescale_to_10(expected, lo, hi)
+            self.add(f"servqual_n:{dimension}")
+            self.add(f"servqual_sum:{dimension}", gap)
 
-    def merge(self, other: Bucket) -> None:
-        """Add `other` into this bucket (in place)."""
-        self.n_visits += other.n_visits
-        self.n_responses += other.n_responses
-        for factor, n in other.factor_n.items():
-            self.factor_n[factor] = self.factor_n.get(factor, 0) + n
-        for factor, total in other.factor_sum.items():
-            self.factor_sum[factor] = self.factor_sum.get(factor, 0.0) + total
-        for factor, total in other.factor_sumsq.items():
-            self.factor_sumsq[factor] = self.factor_sumsq.get(factor, 0.0) + total
-        self.nps_n += other.nps_n
-        self.promoters += other.promoters
-        self.detractors += other.detractors
+    def _add_visit(self, visit: VisitEvent) -> None:
+        self.add("visits")
+        if visit.promised_at is not None and visit.delivered_at is not None:
+            self.add("on_time_n")
+            self.add("on_time", visit.delivered_at <= visit.promised_at)
+        if visit.greeted_at is not None:
+            self.add("greet_wait_n")
+            self.add("greet_wait_min", (visit.greeted_at - visit.arrived_at).total_seconds() / 60)
+        if visit.estimate_amount and visit.invoice_amount is not None:
+            self.add("invoice_ratio_n")
+            self.add("invoice_ratio_sum", visit.invoice_amount / visit.estimate_amount)
+        if visit.comeback_of is not None:
+            self.add("comebacks")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "n_visits": self.n_visits,
-            "n_responses": self.n_responses,
-            "factor_n": dict(self.factor_n),
-            "factor_sum": dict(self.factor_sum),
-            "factor_sumsq": dict(self.factor_sumsq),
-            "nps_n": self.nps_n,
-            "promoters": self.promoters,
-            "detractors": self.detractors,
-        }
+    def _add_call(self, call: CallEvent, catalogue: Catalogue) -> None:
+        self.add("calls")
+        self.add("calls_reached", call.outcome == "reached")
+        self.add("calls_issue_reported", bool(call.issue_reported))
+        if call.carries_ratings:
+            self._add_response(call.scale, call.ratings, call.overall, catalogue)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Bucket:
-        return cls(
-            n_visits=int(data["n_visits"]),
-            n_responses=int(data["n_responses"]),
-            factor_n={k: int(v) for k, v in data["factor_n"].items()},
-            factor_sum={k: float(v) for k, v in data["factor_sum"].items()},
-            factor_sumsq={k: float(v) for k, v in data["factor_sumsq"].items()},
-            nps_n=int(data["nps_n"]),
-            promoters=int(data["promoters"]),
-            detractors=int(data["detractors"]),
-        )
+    def _add_complaint(self, complaint: ComplaintEvent) -> None:
+        self.add(f"complaints_{complaint.status}")
+        if complaint.status == "closed" and complaint.satisfied_after is not None:
+            self.add("recovery_n")
+            self.add("recovered", complaint.satisfied_after)
+
+    def _add_audit(self, audit: MysteryShopEvent) -> None:
+        self.add("audits")
+        for item in audit.items:
+            if item.result == "na":
+                continue
+            self.add(f"audit_total_w:{item.section}", item.weight)
+            self.add(f"audit_pass_w:{item.section}", item.weight * (item.result == "pass"))
+            self.add("audit_mandatory_failed", item.mandatory and item.result == "fail")
+
+    def by_suffix(self, prefix: str) -> dict[str, float]:
+        """{suffix: value} of every statistic named `prefix:suffix`."""
+        head = prefix + ":"
+        return {k[len(head) :]: v for k, v in self.stats.items() if k.startswith(head)}
 
 
 def merged(buckets: Iterable[Bucket]) -> Bucket:
@@ -175,11 +280,17 @@ def merged(buckets: Iterable[Bucket]) -> Bucket:
     return total
 
 
+# --- the figures of a bucket --------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Figures:
-    """The metrics of one bucket (usually a window's merged buckets)."""
+    """Every metric of one bucket (usually a window's merged buckets).
+
+    Percentages are 0–100; a metric without data is None, never 0."""
 
     n_responses: int
+    n_surveys: int
     n_visits: int
     csi: float | None
     factors: dict[str, float]
@@ -187,23 +298,92 @@ class Figures:
     nps: float | None
     nps_n: int
     nps_se: float | None
+    csat_top2: float | None
+    satisfaction_rate: float | None
+    satisfaction_degree: float | None
+    overall_n: int
+    csm: float | None
+    css_ratio: float | None
+    css_exceeded: float | None
+    css_met: float | None
+    css_disappointed: float | None
+    css_n: int
+    servqual_gap: dict[str, float]
+    servqual_overall: float | None
+    response_rate: float | None
+    contact_rate: float | None
+    n_calls: int
+    on_time_rate: float | None
+    greet_wait_min: float | None
+    invoice_vs_estimate: float | None
+    comeback_rate: float | None
+    complaints_opened: int
+    complaints_per_100_visits: float | None
+    recovery_success: float | None
+    mystery_shop_score: float | None
+    mystery_shop_sections: dict[str, float]
+    n_audits: int
     weights_version: str
 
 
 def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
+    b = bucket.get
+    factor_n, factor_sum = bucket.by_suffix("factor_n"), bucket.by_suffix("factor_sum")
     indices = {
-        f: factor_index(bucket.factor_sum.get(f, 0.0), bucket.factor_n.get(f, 0))
-        for f in catalogue.factors
+        f: factor_index(factor_sum.get(f, 0.0), factor_n.get(f, 0.0)) for f in catalogue.factors
     }
+    degrees = {
+        f: satisfaction_degree_from_x10(factor_sum[f] / factor_n[f])
+        for f in catalogue.factors
+        if factor_n.get(f)
+    }
+    rated = sum(factor_n.get(f, 0.0) for f in catalogue.factors)
+    servqual_n, servqual_sum = bucket.by_suffix("servqual_n"), bucket.by_suffix("servqual_sum")
+    gaps = {
+        d: servqual_sum.get(d, 0.0) / servqual_n[d] for d in RATER_DIMENSIONS if servqual_n.get(d)
+    }  # a sum may net to 0 and be absent (Bucket.minus drops zeros)
+    audit_total, audit_pass = bucket.by_suffix("audit_total_w"), bucket.by_suffix("audit_pass_w")
     return Figures(
-        n_responses=bucket.n_responses,
-        n_visits=bucket.n_visits,
+        n_responses=int(b("responses")),
+        n_surveys=int(b("surveys")),
+        n_visits=int(b("visits")),
         csi=csi(indices, catalogue.factor_weights),
         factors={f: v for f, v in indices.items() if v is not None},
-        factor_n={f: n for f in catalogue.factors if (n := bucket.factor_n.get(f, 0))},
-        nps=nps(bucket.promoters, bucket.detractors, bucket.nps_n),
-        nps_n=bucket.nps_n,
-        nps_se=nps_standard_error(bucket.promoters, bucket.detractors, bucket.nps_n),
+        factor_n={f: int(n) for f in catalogue.factors if (n := factor_n.get(f, 0.0))},
+        nps=nps(b("promoters"), b("detractors"), b("nps_n")),
+        nps_n=int(b("nps_n")),
+        nps_se=nps_standard_error(b("promoters"), b("detractors"), b("nps_n")),
+        csat_top2=percent(b("overall_top2"), b("overall_n")),
+        satisfaction_rate=percent(b("overall_satisfied"), b("overall_n")),
+        satisfaction_degree=csi(degrees, catalogue.factor_weights),
+        overall_n=int(b("overall_n")),
+        csm=(
+            csm_from_x10(sum(factor_sum.get(f, 0.0) for f in catalogue.factors) / rated)
+            if rated
+            else None
+        ),
+        css_ratio=mean(b("css_sum"), b("css_n")),
+        css_exceeded=percent(b("css_exceeded"), b("css_n")),
+        css_met=percent(b("css_met"), b("css_n")),
+        css_disappointed=percent(b("css_disappointed"), b("css_n")),
+        css_n=int(b("css_n")),
+        servqual_gap=gaps,
+        servqual_overall=sum(gaps.values()) / len(gaps) if gaps else None,
+        response_rate=percent(b("surveys"), b("visits")),
+        contact_rate=percent(b("calls_reached"), b("calls")),
+        n_calls=int(b("calls")),
+        on_time_rate=percent(b("on_time"), b("on_time_n")),
+        greet_wait_min=mean(b("greet_wait_min"), b("greet_wait_n")),
+        invoice_vs_estimate=mean(b("invoice_ratio_sum"), b("invoice_ratio_n")),
+        comeback_rate=percent(b("comebacks"), b("visits")),
+        complaints_opened=int(b("complaints_opened")),
+        complaints_per_100_visits=percent(b("complaints_opened"), b("visits")),
+        recovery_success=percent(b("recovered"), b("recovery_n")),
+        mystery_shop_score=percent(sum(audit_pass.values()), sum(audit_total.values())),
+        mystery_shop_sections={
+            s: 100.0 * audit_pass.get(s, 0.0) / w for s, w in audit_total.items() if w
+        },
+        n_audits=int(b("audits")),
         weights_version=catalogue.version,
     )
 
@@ -211,13 +391,27 @@ def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
 # --- windows -----------------------------------------------------------------
 
 
-def window_days(window_end: date, length_days: int) -> list[date]:
-    """The dates of a window of `length_days` ending on `window_end` (inclusive)."""
-    return [window_end - timedelta(days=i) for i in range(length_days - 1, -1, -1)]
+def window_start(window: str, window_end: date) -> date:
+    """First day of the window `window` ending on `window_end` (inclusive)."""
+    length = WINDOWS[window]
+    if length is None:  # calendar month to date
+        return window_end.replace(day=1)
+    return window_end - timedelta(days=length - 1)
 
 
-def affected_window_ends(changed_day: date, length_days: int, latest_day: date) -> list[date]:
-    """End dates of the windows of this length that contain `changed_day`, up to
+def window_days(window: str, window_end: date) -> list[date]:
+    """The dates of a window, oldest first."""
+    start = window_start(window, window_end)
+    return [start + timedelta(days=i) for i in range((window_end - start).days + 1)]
+
+
+def affected_window_ends(window: str, changed_day: date, latest_day: date) -> list[date]:
+    """End dates of the windows of this kind that contain `changed_day`, up to
     `latest_day` (the unit's newest event date): a late event re-opens them all."""
-    last = min(changed_day + timedelta(days=length_days - 1), latest_day)
+    length = WINDOWS[window]
+    if length is None:
+        next_month = (changed_day.replace(day=28) + timedelta(days=4)).replace(day=1)
+        last = min(next_month - timedelta(days=1), latest_day)
+    else:
+        last = min(changed_day + timedelta(days=length - 1), latest_day)
     return [changed_day + timedelta(days=i) for i in range((last - changed_day).days + 1)]

@@ -27,8 +27,9 @@ from kafka import KafkaConsumer, TopicPartition
 from pipeline.broker import EmbeddedBroker, create_topics
 from pipeline.config import Settings
 from pipeline.producer import EventProducer, produce_events
-from pipeline.simulator import Drop, simulate
-from pipeline.topics import DEAD_LETTERS, EVENT_TOPICS, METRICS
+from pipeline.registry import write_registry
+from pipeline.simulator import Drop, simulate, simulated_registry
+from pipeline.topics import DEAD_LETTERS, EVENT_TOPICS, METRICS, ROLLUPS
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Progress:
     processed: int = 0
     dead_letters: int = 0
     events_per_s: float = 0.0
+    rollups_behind: int = 0
+    """Roll-up updates produced but not yet committed by the roll-up agent."""
     csi_30d: dict[str, tuple[str, float, int]] = field(default_factory=dict)
     """dealer → (window_end, 30-day CSI, n_responses), the newest window seen."""
 
@@ -69,16 +72,24 @@ class ProgressReader:
         self.dead_letter_partitions = [
             TopicPartition(DEAD_LETTERS.name, p) for p in range(DEAD_LETTERS.partitions)
         ]
+        self.rollup_partitions = [
+            TopicPartition(ROLLUPS.name, p) for p in range(ROLLUPS.partitions)
+        ]
         self.metrics.assign([TopicPartition(METRICS.name, p) for p in range(METRICS.partitions)])
         self.state = Progress()
         self._last: tuple[float, int] | None = None
 
     def poll(self) -> Progress:
         state = self.state
-        ends = self.offsets.end_offsets(self.event_partitions + self.dead_letter_partitions)
+        ends = self.offsets.end_offsets(
+            self.event_partitions + self.dead_letter_partitions + self.rollup_partitions
+        )
         state.produced = sum(ends[tp] for tp in self.event_partitions)
         state.dead_letters = sum(ends[tp] for tp in self.dead_letter_partitions)
         state.processed = sum(self.committed.committed(tp) or 0 for tp in self.event_partitions)
+        state.rollups_behind = sum(
+            ends[tp] - (self.committed.committed(tp) or 0) for tp in self.rollup_partitions
+        )
         now = time.monotonic()
         if self._last is not None and now > self._last[0]:
             state.events_per_s = (state.processed - self._last[1]) / (now - self._last[0])
@@ -86,7 +97,11 @@ class ProgressReader:
         for records in self.metrics.poll(timeout_ms=200, max_records=50_000).values():
             for record in records:
                 snapshot = orjson.loads(record.value)
-                if snapshot["window"] != "30d" or snapshot["csi"] is None:
+                if (
+                    snapshot["scope"] != "dealer"
+                    or snapshot["window"] != "30d"
+                    or snapshot["csi"] is None
+                ):
                     continue
                 seen = state.csi_30d.get(snapshot["key"])
                 if seen is None or snapshot["window_end"] >= seen[0]:
@@ -149,6 +164,7 @@ def start_worker(settings: Settings, log: IO[bytes]) -> subprocess.Popen[bytes]:
         "CSI_WAREHOUSE": settings.warehouse,
         "CSI_DATA_DIR": str(settings.data_dir),
         "CSI_APP_ID": settings.app_id,
+        "CSI_REGISTRY": str(settings.registry or ""),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "worker"],
@@ -195,10 +211,13 @@ def run_embedded(
     simulator_error: list[BaseException] = []
     with broker:  # starts it; stops it on the way out, Ctrl-C included
         create_topics(broker.bootstrap)
+        registry_path = data_dir / "dealers.csv"  # the simulated network's registry
+        write_registry(simulated_registry(dealers, seed=seed), registry_path)
         settings = Settings(
             bootstrap=broker.bootstrap,
             warehouse=f"chdb://{data_dir / 'warehouse'}",
             data_dir=data_dir,
+            registry=registry_path,
         )
         print(
             f"broker ({broker_kind}) on {broker.bootstrap}; warehouse {settings.warehouse}",
@@ -266,6 +285,6 @@ def _drain(reader: ProgressReader, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         progress = reader.poll()
-        if progress.processed >= progress.produced:
+        if progress.processed >= progress.produced and not progress.rollups_behind:
             return
         time.sleep(0.5)

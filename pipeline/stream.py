@@ -1,34 +1,46 @@
 """What the stream does with one batch of records — broker-free.
 
-`BatchProcessor.process()` validates raw Kafka records, folds valid events
-into daily buckets of sufficient statistics held in a `StateStore` (a Faust
-table in the worker, a dict in tests), and returns the rows for the
-warehouse, the dead letters and the metric snapshots of every window the
-batch touched. The Faust worker (`pipeline.worker`) is a thin adapter that
-feeds it `take_events()` batches and ships its output.
+`DealerProcessor.process()` validates raw Kafka records, folds valid events
+into daily buckets of sufficient statistics per dealer and department held
+in a `StateStore` (a Faust table in the worker, a dict in tests and in
+batch), and returns the rows for the warehouse, the dead letters, the
+dealer snapshots of every window the batch touched, and one roll-up update
+per changed dealer-day and scope (region, brand, network).
+
+`RollupProcessor.process()` folds those updates into the scopes' daily
+buckets and returns their snapshots. An update carries the dealer-day
+bucket's *absolute* value and the roll-up adds `new − old`, so a replayed
+update changes nothing.
+
+The Faust worker (`pipeline.worker`) is a thin adapter around both; the
+batch path (`pipeline.batch`) runs the very same code over a file.
 """
 
 from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
+from functools import partial
 from typing import Any, Protocol
 
 from pipeline.catalogue import Catalogue
 from pipeline.metrics import (
     WINDOWS,
     Bucket,
+    Figures,
     affected_window_ends,
     figures,
     merged,
     window_days,
+    window_start,
 )
+from pipeline.registry import UNKNOWN, DealerRegistry
 from pipeline.topics import EVENT_TOPICS
-from pipeline.warehouse import dead_letter_row
-from schemas import InvalidEvent, SurveyEvent, VisitEvent, event_to_json, parse_event
+from pipeline.warehouse import METRIC_SNAPSHOTS_COLUMNS, dead_letter_row
+from schemas import AnyEvent, InvalidEvent, event_to_json, parse_event
 
 TOPIC_EVENT_TYPE = {spec.name: event_type for event_type, spec in EVENT_TOPICS.items()}
 
@@ -91,32 +103,63 @@ class Snapshot:
 
     scope: str
     key: str
+    region: str
+    brand: str
     department: str
     window: str
     window_start: date
     window_end: date
-    n_responses: int
-    n_visits: int
-    csi: float | None
-    factors: dict[str, float]
-    factor_n: dict[str, int]
-    nps: float | None
-    nps_n: int
-    nps_se: float | None
-    weights_version: str
+    figures: Figures
     computed_at: datetime
     version: int
 
+    def flat(self) -> dict[str, Any]:
+        values = {name: getattr(self, name) for name in SNAPSHOT_LABELS}
+        values.update(asdict(self.figures))
+        return values
+
     def to_row(self) -> tuple[Any, ...]:
-        """In `warehouse.METRIC_SNAPSHOTS_COLUMNS` order."""
-        return tuple(asdict(self).values())
+        values = self.flat()
+        return tuple(values[column] for column in METRIC_SNAPSHOTS_COLUMNS)
 
     def to_message(self) -> dict[str, Any]:
         """The metrics topic's JSON value."""
-        message = asdict(self)
+        message = self.flat()
         for name in ("window_start", "window_end", "computed_at"):
             message[name] = message[name].isoformat()
         return message
+
+
+SNAPSHOT_LABELS = (
+    "scope", "key", "region", "brand", "department", "window", "window_start", "window_end",
+    "computed_at", "version",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RollupUpdate:
+    """A dealer-day bucket's new absolute value, for one roll-up scope."""
+
+    scope: str  # region, brand, network
+    key: str
+    dealer_id: str
+    department: str
+    day: date
+    stats: dict[str, float]
+
+    @property
+    def partition_key(self) -> str:
+        return f"{self.scope}|{self.key}"
+
+    def to_message(self) -> dict[str, Any]:
+        return {**asdict(self), "day": self.day.isoformat()}
+
+    @classmethod
+    def from_message(cls, data: dict[str, Any]) -> RollupUpdate:
+        return cls(
+            data["scope"], data["key"], data["dealer_id"], data["department"],
+            date.fromisoformat(data["day"]), {k: float(v) for k, v in data["stats"].items()},
+        )  # fmt: skip
 
 
 @dataclass
@@ -124,6 +167,7 @@ class BatchOutput:
     event_rows: list[tuple[Any, ...]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     snapshots: list[Snapshot] = field(default_factory=list)
+    rollups: list[RollupUpdate] = field(default_factory=list)
     duplicates: int = 0
 
 
@@ -149,36 +193,53 @@ class StoredBucket:
 class StateStore(Protocol):
     """Where the buckets live. `partition` is the source partition of the
     record that changed the key: the worker writes the changelog there so the
-    state stays co-partitioned with the dealer's events."""
+    state stays co-partitioned with the records that feed it."""
 
     def get(self, key: str) -> dict[str, Any] | None: ...
 
     def put(self, key: str, value: dict[str, Any], partition: int) -> None: ...
 
 
-def bucket_key(dealer_id: str, department: str, day: date) -> str:
-    return f"{dealer_id}|{department}|{day.isoformat()}"
+class DictStore:
+    """A StateStore in a plain dict: the broker-free stand-in for the Faust
+    table, used by the batch path and by tests (Bytewax-style test helper)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, Any]] = {}
+        self.partitions: dict[str, int] = {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: dict[str, Any], partition: int) -> None:
+        self.data[key] = value
+        self.partitions[key] = partition
 
 
-def latest_key(dealer_id: str, department: str) -> str:
-    return f"{dealer_id}|{department}|latest"
+def dealer_bucket_key(dealer_id: str, department: str, day: date) -> str:
+    return f"dealer|{dealer_id}|{department}|{day.isoformat()}"
 
 
-def event_day(event: VisitEvent | SurveyEvent) -> date:
+def scope_bucket_key(scope: str, key: str, department: str, day: date) -> str:
+    return f"{scope}|{key}|{department}|{day.isoformat()}"
+
+
+def latest_key(scope: str, key: str) -> str:
+    return f"latest|{scope}|{key}"
+
+
+def event_day(event: AnyEvent) -> date:
     """The UTC date that places an event in its daily bucket."""
     return event.occurred_at.astimezone(UTC).date()
 
 
-def add_to_bucket(bucket: Bucket, event: VisitEvent | SurveyEvent, catalogue: Catalogue) -> None:
-    if isinstance(event, SurveyEvent):
-        bucket.add_survey(event, catalogue)
-    else:
-        bucket.add_visit()
+def too_late(day: date, latest: date | None, lateness_days: int) -> bool:
+    """An event more than `lateness_days` before its dealer's newest one is
+    too late to change figures that managers have already acted on."""
+    return latest is not None and (latest - day).days > lateness_days
 
 
-def event_row(
-    event: VisitEvent | SurveyEvent, record: RawRecord, ingested_at: datetime
-) -> tuple[Any, ...]:
+def event_row(event: AnyEvent, record: RawRecord, ingested_at: datetime) -> tuple[Any, ...]:
     """In `warehouse.EVENTS_COLUMNS` order."""
     return (
         event.event_id,
@@ -201,22 +262,68 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-Unit = tuple[str, str]  # (dealer_id, department)
+ROLLUP_SCOPES = ("region", "brand", "network")
+DEFAULT_LATENESS_DAYS = 35
 
 
-class BatchProcessor:
+class WindowReader:
+    """Reads daily buckets from a store (once per batch) and builds snapshots."""
+
+    def __init__(self, store: StateStore, catalogue: Catalogue) -> None:
+        self.store = store
+        self.catalogue = catalogue
+        self.cache: dict[str, Bucket] = {}
+
+    def bucket(self, key: str) -> Bucket:
+        if key not in self.cache:
+            stored = self.store.get(key)
+            self.cache[key] = Bucket.from_dict(stored["stats"]) if stored else Bucket()
+        return self.cache[key]
+
+    def snapshots(
+        self,
+        labels: tuple[str, str, str, str],  # scope, key, region, brand
+        department: str,
+        changed_days: set[date],
+        latest: date,
+        bucket_key: Callable[[date], str],
+        now: datetime,
+        version: int,
+    ) -> list[Snapshot]:
+        """Every window of every kind that contains a changed day."""
+        out: list[Snapshot] = []
+        for window in WINDOWS:
+            ends = {e for d in changed_days for e in affected_window_ends(window, d, latest)}
+            for end in sorted(ends):
+                total = merged(self.bucket(bucket_key(d)) for d in window_days(window, end))
+                out.append(
+                    Snapshot(
+                        *labels, department, window, window_start(window, end), end,
+                        figures(total, self.catalogue), now, version,
+                    )
+                )  # fmt: skip
+        return out
+
+
+class DealerProcessor:
     def __init__(
         self,
         store: StateStore,
         catalogue: Catalogue,
         *,
+        registry: DealerRegistry | None = None,
+        lateness_days: int = DEFAULT_LATENESS_DAYS,
+        emit_snapshots: bool = True,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.store = store
         self.catalogue = catalogue
+        self.registry = registry
+        self.lateness_days = lateness_days
+        self.emit_snapshots = emit_snapshots
         self.clock = clock
 
-    def validate(self, record: RawRecord) -> VisitEvent | SurveyEvent:
+    def validate(self, record: RawRecord) -> AnyEvent:
         """The event in `record`, or InvalidEvent saying why it cannot be used."""
         event = parse_event(record.value, now=self.clock())
         expected_type = TOPIC_EVENT_TYPE.get(record.topic)
@@ -230,38 +337,92 @@ class BatchProcessor:
             # The key decides the partition; a dealer's events and buckets must
             # share one, or its figures would be split across workers.
             raise InvalidEvent(f"key: message key {key!r} must equal dealer_id {event.dealer_id!r}")
+        if self.registry is not None and event.dealer_id not in self.registry:
+            raise InvalidEvent(f"dealer_id: {event.dealer_id!r} is not in the dealer registry")
         return event
+
+    def labels(self, dealer_id: str) -> tuple[str, str]:
+        """(region, brand) of a dealer; unknown without a registry."""
+        if self.registry is None:
+            return UNKNOWN, UNKNOWN
+        return self.registry.region_of(dealer_id), self.registry.brand_of(dealer_id)
 
     def process(self, records: Sequence[RawRecord]) -> BatchOutput:
         now = self.clock()
         out = BatchOutput()
-        cache: dict[str, StoredBucket] = {}
-        changed: dict[Unit, set[date]] = {}
-        unit_partition: dict[Unit, int] = {}
+        stored: dict[str, StoredBucket] = {}
+        latest: dict[str, date | None] = {}  # newest day per dealer, and per dealer and type
+        changed: dict[tuple[str, str], set[date]] = {}
+        partition_of: dict[str, int] = {}
         for record in records:
             try:
                 event = self.validate(record)
             except InvalidEvent as exc:
                 out.dead_letters.append(self._dead_letter(record, exc.reason, now))
                 continue
-            out.event_rows.append(event_row(event, record, now))
-            unit: Unit = (event.dealer_id, event.department)
-            day = event_day(event)
-            stored = self._stored(bucket_key(*unit, day), cache)
-            event_id = str(event.event_id)
-            if event_id in stored.event_ids:
-                out.duplicates += 1  # a replay: the warehouse dedups it too (FINAL)
+            dealer_id, day, event_id = event.dealer_id, event_day(event), str(event.event_id)
+            key = dealer_bucket_key(dealer_id, event.department, day)
+            if key not in stored:
+                stored[key] = StoredBucket.from_dict(self.store.get(key))
+            if event_id in stored[key].event_ids:
+                out.duplicates += 1  # a replay of a counted event (the warehouse dedups too)
                 continue
-            stored.event_ids.add(event_id)
-            add_to_bucket(stored.bucket, event, self.catalogue)
-            changed.setdefault(unit, set()).add(day)
-            unit_partition[unit] = record.partition
-        for unit, days in changed.items():  # one state write per changed bucket
-            for day in days:
-                key = bucket_key(*unit, day)
-                self.store.put(key, cache[key].to_dict(), unit_partition[unit])
-        out.snapshots = self._snapshots(changed, unit_partition, cache, now)
+            # Lateness is measured within one event type: Kafka orders a
+            # dealer's records per topic only, and one topic may run weeks
+            # ahead of another while a worker catches up.
+            type_key = latest_key(f"dealer.{event.event_type}", dealer_id)
+            for latest_of in (type_key, latest_key("dealer", dealer_id)):
+                if latest_of not in latest:
+                    latest[latest_of] = self._stored_day(latest_of)
+            if too_late(day, latest[type_key], self.lateness_days):
+                reason = (
+                    f"occurred_at: too late: {day} is more than {self.lateness_days} days "
+                    f"before dealer {dealer_id}'s newest {event.event_type} ({latest[type_key]})"
+                )
+                out.dead_letters.append(self._dead_letter(record, reason, now))
+                continue
+            out.event_rows.append(event_row(event, record, now))
+            stored[key].event_ids.add(event_id)
+            stored[key].bucket.add_event(event, self.catalogue)
+            changed.setdefault((dealer_id, event.department), set()).add(day)
+            partition_of[dealer_id] = record.partition
+            for latest_of in (type_key, latest_key("dealer", dealer_id)):
+                newest = latest[latest_of]
+                latest[latest_of] = day if newest is None else max(newest, day)
+
+        version = time.time_ns()
+        reader = WindowReader(self.store, self.catalogue)
+        for (dealer_id, department), days in changed.items():
+            partition = partition_of[dealer_id]
+            region, brand = self.labels(dealer_id)
+            for day in days:  # one state write per changed bucket
+                key = dealer_bucket_key(dealer_id, department, day)
+                self.store.put(key, stored[key].to_dict(), partition)
+                reader.cache[key] = stored[key].bucket
+                for scope, scope_key in zip(ROLLUP_SCOPES, (region, brand, "network"), strict=True):
+                    out.rollups.append(
+                        RollupUpdate(
+                            scope, scope_key, dealer_id, department, day,
+                            dict(stored[key].bucket.stats),
+                        )
+                    )  # fmt: skip
+            if self.emit_snapshots:
+                newest = latest[latest_key("dealer", dealer_id)]
+                assert newest is not None  # a changed dealer has an event
+                out.snapshots += reader.snapshots(
+                    ("dealer", dealer_id, region, brand), department, days, newest,
+                    partial(dealer_bucket_key, dealer_id, department),
+                    now, version,
+                )  # fmt: skip
+        for key, newest_day in latest.items():
+            dealer_id = key.rsplit("|", 1)[1]
+            if newest_day is not None and dealer_id in partition_of:
+                self.store.put(key, {"day": newest_day.isoformat()}, partition_of[dealer_id])
         return out
+
+    def _stored_day(self, key: str) -> date | None:
+        stored = self.store.get(key)
+        return date.fromisoformat(stored["day"]) if stored else None
 
     def _dead_letter(self, record: RawRecord, reason: str, now: datetime) -> DeadLetter:
         key = record.key.decode("utf-8", errors="replace") if record.key is not None else ""
@@ -269,106 +430,66 @@ class BatchProcessor:
             record.topic, record.partition, record.offset, key, reason, record.value, now
         )
 
-    def _snapshots(
+
+class RollupProcessor:
+    """Region, brand and network buckets from dealer-day updates."""
+
+    def __init__(
         self,
-        changed: dict[Unit, set[date]],
-        unit_partition: dict[Unit, int],
-        cache: dict[str, StoredBucket],
-        now: datetime,
-    ) -> list[Snapshot]:
-        """The snapshots of every window that contains a changed day."""
-        snapshots: list[Snapshot] = []
-        version = time.time_ns()
-        for (dealer_id, department), days in changed.items():
-            latest = self._latest_day(dealer_id, department, max(days), unit_partition)
-            for window, length in WINDOWS.items():
-                ends = sorted({e for d in days for e in affected_window_ends(d, length, latest)})
-                for window_end in ends:
-                    in_window = window_days(window_end, length)
-                    total = merged(
-                        self._stored(bucket_key(dealer_id, department, d), cache).bucket
-                        for d in in_window
-                    )
-                    snapshots.append(
-                        snapshot(
-                            "dealer", dealer_id, department, window, in_window[0], window_end,
-                            total, self.catalogue, now, version,
-                        )
-                    )  # fmt: skip
-        return snapshots
+        store: StateStore,
+        catalogue: Catalogue,
+        *,
+        emit_snapshots: bool = True,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.store = store
+        self.catalogue = catalogue
+        self.emit_snapshots = emit_snapshots
+        self.clock = clock
 
-    def _stored(self, key: str, cache: dict[str, StoredBucket]) -> StoredBucket:
-        if key not in cache:
-            cache[key] = StoredBucket.from_dict(self.store.get(key))
-        return cache[key]
-
-    def _latest_day(
-        self, dealer_id: str, department: str, candidate: date, unit_partition: dict[Unit, int]
-    ) -> date:
-        """The unit's newest event date, remembered so a late event re-emits
-        the windows up to it and no further."""
-        key = latest_key(dealer_id, department)
-        stored = self.store.get(key)
-        latest = date.fromisoformat(stored["day"]) if stored else candidate
-        if candidate > latest or not stored:
-            latest = max(latest, candidate)
-            self.store.put(
-                key, {"day": latest.isoformat()}, unit_partition[(dealer_id, department)]
+    def process(self, updates: Sequence[tuple[int, RollupUpdate]]) -> list[Snapshot]:
+        """`updates`: (source partition, update) in arrival order."""
+        now = self.clock()
+        reader = WindowReader(self.store, self.catalogue)
+        changed: dict[tuple[str, str, str], set[date]] = {}
+        partition_of: dict[tuple[str, str], int] = {}
+        for partition, update in updates:
+            member_key = (
+                scope_bucket_key(update.scope, update.key, update.department, update.day)
+                + f"|{update.dealer_id}"
             )
-        return latest
+            total_key = scope_bucket_key(update.scope, update.key, update.department, update.day)
+            old = self.store.get(member_key)
+            new = Bucket(dict(update.stats))
+            total = reader.bucket(total_key)
+            # absolute values in, differences applied: a replay adds nothing
+            total.merge(new.minus(Bucket.from_dict(old["stats"]) if old else Bucket()))
+            self.store.put(member_key, {"stats": new.to_dict()}, partition)
+            self.store.put(total_key, {"stats": total.to_dict()}, partition)
+            changed.setdefault((update.scope, update.key, update.department), set()).add(update.day)
+            partition_of[(update.scope, update.key)] = partition
 
-
-def snapshot(
-    scope: str,
-    key: str,
-    department: str,
-    window: str,
-    window_start: date,
-    window_end: date,
-    bucket: Bucket,
-    catalogue: Catalogue,
-    computed_at: datetime,
-    version: int,
-) -> Snapshot:
-    return Snapshot(
-        scope=scope,
-        key=key,
-        department=department,
-        window=window,
-        window_start=window_start,
-        window_end=window_end,
-        computed_at=computed_at,
-        version=version,
-        **asdict(figures(bucket, catalogue)),
-    )
-
-
-class DictStore:
-    """A StateStore in a plain dict: the broker-free stand-in for the Faust
-    table, used by the batch path and by tests (Bytewax-style test helper)."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, dict[str, Any]] = {}
-        self.partitions: dict[str, int] = {}
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self.data.get(key)
-
-    def put(self, key: str, value: dict[str, Any], partition: int) -> None:
-        self.data[key] = value
-        self.partitions[key] = partition
-
-
-def unit_windows(
-    events: Iterable[VisitEvent | SurveyEvent], catalogue: Catalogue
-) -> dict[Unit, dict[date, Bucket]]:
-    """Batch path: daily buckets per unit, straight from a list of events."""
-    units: dict[Unit, dict[date, Bucket]] = {}
-    seen: set[str] = set()
-    for event in events:
-        if str(event.event_id) in seen:  # the same id twice is one event
-            continue
-        seen.add(str(event.event_id))
-        days = units.setdefault((event.dealer_id, event.department), {})
-        add_to_bucket(days.setdefault(event_day(event), Bucket()), event, catalogue)
-    return units
+        latest: dict[tuple[str, str], date] = {}
+        for (scope, key, _), days in changed.items():
+            stored = self.store.get(latest_key(scope, key))
+            before = date.fromisoformat(stored["day"]) if stored else None
+            newest = max(days) if before is None else max(before, max(days))
+            latest[(scope, key)] = max(latest.get((scope, key), newest), newest)
+        for (scope, key), newest in latest.items():
+            self.store.put(
+                latest_key(scope, key), {"day": newest.isoformat()}, partition_of[(scope, key)]
+            )
+        if not self.emit_snapshots:
+            return []
+        version = time.time_ns()
+        snapshots: list[Snapshot] = []
+        for (scope, key, department), days in changed.items():
+            labels = (
+                scope, key, key if scope == "region" else "", key if scope == "brand" else "",
+            )  # fmt: skip
+            snapshots += reader.snapshots(
+                labels, department, days, latest[(scope, key)],
+                partial(scope_bucket_key, scope, key, department),
+                now, version,
+            )  # fmt: skip
+        return snapshots

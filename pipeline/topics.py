@@ -34,7 +34,13 @@ METRICS = TopicSpec(
     "csi.metrics", EVENT_PARTITIONS, "metric snapshots per dealer, day and rolling window"
 )
 
-ALL_TOPICS: tuple[TopicSpec, ...] = (*EVENT_TOPICS.values(), DEAD_LETTERS, METRICS)
+ROLLUPS = TopicSpec(
+    "csi.rollups",
+    EVENT_PARTITIONS,
+    "dealer-day buckets (absolute values) keyed by region, brand or network, for roll-ups",
+)
+
+ALL_TOPICS: tuple[TopicSpec, ...] = (*EVENT_TOPICS.values(), DEAD_LETTERS, METRICS, ROLLUPS)
 
 
 def topic_for(event_type: str) -> str:

@@ -14,6 +14,7 @@ worker, the tests and the dashboards' helpers do not care which one is behind a 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import fcntl
 import math
@@ -32,6 +33,8 @@ from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 import orjson
+
+from pipeline.metrics import Figures
 
 CSI_DATABASE = "csi"
 EVENTS_TABLE = f"{CSI_DATABASE}.events"
@@ -58,22 +61,29 @@ EVENTS_SCHEMA: tuple[tuple[str, str], ...] = (
     ("offset", "Int64"),
     ("ingested_at", "DateTime64(3, 'UTC')"),
 )
+# ClickHouse type of each kind of figure in `pipeline.metrics.Figures`.
+_FIGURE_TYPES = {
+    "int": "UInt32",
+    "float | None": "Nullable(Float64)",
+    "dict[str, float]": "Map(String, Float64)",
+    "dict[str, int]": "Map(String, UInt32)",
+    "str": "LowCardinality(String)",
+}
+FIGURE_SCHEMA: tuple[tuple[str, str], ...] = tuple(
+    (f.name, _FIGURE_TYPES[str(f.type)]) for f in dataclasses.fields(Figures)
+)
+"""One column per metric, derived from `Figures`, so the table follows the formulas."""
+
 METRIC_SNAPSHOTS_SCHEMA: tuple[tuple[str, str], ...] = (
-    ("scope", "LowCardinality(String)"),
+    ("scope", "LowCardinality(String)"),  # dealer, region, brand, network
     ("key", "String"),
+    ("region", "LowCardinality(String)"),  # of the dealer or region; '' above it
+    ("brand", "LowCardinality(String)"),  # of the dealer or brand; '' above it
     ("department", "LowCardinality(String)"),
-    ("window", "LowCardinality(String)"),
+    ("window", "LowCardinality(String)"),  # day, 7d, 30d, 90d, month
     ("window_start", "Date"),
     ("window_end", "Date"),
-    ("n_responses", "UInt32"),
-    ("n_visits", "UInt32"),
-    ("csi", "Nullable(Float64)"),
-    ("factors", "Map(String, Float64)"),
-    ("factor_n", "Map(String, UInt32)"),
-    ("nps", "Nullable(Float64)"),
-    ("nps_n", "UInt32"),
-    ("nps_se", "Nullable(Float64)"),
-    ("weights_version", "LowCardinality(String)"),
+    *FIGURE_SCHEMA,
     ("computed_at", "DateTime64(3, 'UTC')"),
     ("version", "UInt64"),
 )

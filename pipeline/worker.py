@@ -10,15 +10,25 @@ changelog is written to the partition the dealer's events come from.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import faust
 import orjson
+from faust.types.tuples import ack_lock
 
 from pipeline.catalogue import Catalogue, load_catalogue
 from pipeline.config import Settings
-from pipeline.stream import BatchOutput, BatchProcessor, RawRecord
-from pipeline.topics import DEAD_LETTERS, EVENT_PARTITIONS, EVENT_TOPICS, METRICS
+from pipeline.registry import load_registry
+from pipeline.stream import (
+    BatchOutput,
+    DealerProcessor,
+    RawRecord,
+    RollupProcessor,
+    RollupUpdate,
+    Snapshot,
+)
+from pipeline.topics import DEAD_LETTERS, EVENT_PARTITIONS, EVENT_TOPICS, METRICS, ROLLUPS
 from pipeline.warehouse import SinkSet, create_schema, open_warehouse
 
 log = logging.getLogger("csi.worker")
@@ -59,6 +69,84 @@ class TableStore:
             self.table.write_partition = None
 
 
+def unacked_head(committed: int | None, acked: list[int], processed: set[int]) -> list[int]:
+    """Offsets to mark acked so Faust's commit can move again (or none).
+
+    faust-streaming 0.15 can lose acks in a rebalance/recovery race (upstream
+    issue #596): records are processed, but their acks never reach the
+    consumer's bookkeeping, so a gap sits between the committed offset and
+    the first acked one and the partition never commits again. Only offsets
+    this worker really processed are returned, so a gap left by a record
+    still in flight stays a gap: the commit never passes unprocessed data.
+    """
+    if committed is None or not acked:
+        return []
+    gap = range(committed, min(acked))
+    if len(gap) == 0 or not all(offset in processed for offset in gap):
+        return []
+    return list(gap)
+
+
+class OffsetGuard:
+    """The worker's own at-least-once check on top of Faust's consumer.
+
+    faust-streaming 0.15 can, rarely, skip a record (it never reaches the
+    agent, and the commit then steps over the one-offset gap, upstream issues
+    #596/#606), and can lose acks so that a partition never commits again.
+    The guard tracks, per partition, the next offset it expects: when a
+    batch jumps past it, the missing records are re-read once by seeking
+    back (re-reads of counted events are dropped by event-id dedup). On a
+    timer it also refills lost acks of records it did process (`unacked_head`).
+    Input topics have no transaction markers, so a gap is never legitimate;
+    each gap is re-read only once all the same.
+    """
+
+    def __init__(self) -> None:
+        self.processed: dict[Any, set[int]] = {}
+        self.expected: dict[Any, int] = {}
+        self.reread: set[tuple[Any, int]] = set()
+        self.skips_found = 0
+        self.acks_refilled = 0
+
+    def record(self, events: Sequence[Any], committed: Callable[[Any], int | None]) -> list[Any]:
+        """Note a processed batch; return [(tp, offset)] to seek back to."""
+        seeks = []
+        for event in events:
+            tp, offset = event.message.tp, event.message.offset
+            self.processed.setdefault(tp, set()).add(offset)
+            expected = self.expected.get(tp)
+            if expected is None:
+                expected = committed(tp)
+            if expected is not None and offset > expected and (tp, expected) not in self.reread:
+                self.reread.add((tp, expected))
+                self.skips_found += offset - expected
+                seeks.append((tp, expected))
+                log.error(
+                    "offsets %d..%d of %s skipped by the consumer: re-reading them",
+                    expected, offset - 1, tp,
+                )  # fmt: skip
+            self.expected[tp] = max(offset + 1, expected or 0)
+        return seeks
+
+    def forget_assignment(self) -> None:
+        """After a rebalance Faust restarts from the committed offsets."""
+        self.expected.clear()
+
+    def repair_acks(self, consumer: Any) -> None:
+        for tp, offsets in self.processed.items():
+            committed = consumer._committed_offset.get(tp)
+            with ack_lock:
+                acked = consumer._acked.get(tp)
+                missing = unacked_head(committed, acked or [], offsets)
+                if missing:
+                    acked.extend(missing)
+                    consumer._acked_index[tp].update(missing)
+                    self.acks_refilled += len(missing)
+                    log.warning("refilled %d lost acks on %s (faust #596)", len(missing), tp)
+            if committed is not None:  # what is committed needs no memory
+                offsets.difference_update([o for o in offsets if o < committed])
+
+
 def faust_broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{host_port.strip()}" for host_port in bootstrap.split(",") if host_port]
 
@@ -75,20 +163,28 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=max(settings.session_timeout_s / 3, 1.0),
     )
-    buckets = PartitionedTable(
-        app,
-        name="buckets",
-        default=None,
-        partitions=EVENT_PARTITIONS,
-        key_type=str,
-        beacon=app.tables.beacon,
-        help="daily buckets of sufficient statistics per dealer and department",
-    )
-    app.tables.add(buckets)
+
+    def state_table(name: str, help: str) -> PartitionedTable:
+        table = PartitionedTable(
+            app, name=name, default=None, partitions=EVENT_PARTITIONS, key_type=str,
+            beacon=app.tables.beacon, help=help,
+        )  # fmt: skip
+        app.tables.add(table)
+        return table
+
+    buckets = state_table("buckets", "daily buckets per dealer and department")
+    rollup_buckets = state_table("rollups", "daily buckets per region, brand and network")
     # One batch writes one changelog record per changed bucket; Faust's
     # default buffer of 100 would call every batch "producer buffer full".
     app.producer.buffer.max_messages = max(settings.batch_max, 100)
-    processor = BatchProcessor(TableStore(buckets), catalogue)
+    registry = load_registry(settings.registry) if settings.registry else None
+    processor = DealerProcessor(
+        TableStore(buckets), catalogue, registry=registry, lateness_days=settings.lateness_days
+    )
+    rollup_processor = RollupProcessor(TableStore(rollup_buckets), catalogue)
+    guard = OffsetGuard()
+    log_level = logging.getLevelName(settings.log_level.upper())
+    log_level = log_level if isinstance(log_level, int) else logging.WARNING
 
     def raw_topic(*names: str) -> faust.TopicT:
         # Bytes in, bytes out: validation happens once, in the processor, and
@@ -100,20 +196,37 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
     event_topics = raw_topic(*(spec.name for spec in EVENT_TOPICS.values()))
     dead_letter_topic = raw_topic(DEAD_LETTERS.name)
     metrics_topic = raw_topic(METRICS.name)
+    rollup_topic = raw_topic(ROLLUPS.name)
+
+    async def guard_batch(events: Sequence[Any]) -> None:
+        committed = cast(Any, app.consumer)._committed_offset.get  # faust internals
+        for tp, offset in guard.record(events, committed):
+            await app.consumer.seek(tp, offset)
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # as on_before_shutdown
+    async def reset_guard(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        guard.forget_assignment()
 
     async def ship(out: BatchOutput) -> None:
         sinks.events.add(out.event_rows)
         sinks.dead_letters.add(dl.to_row() for dl in out.dead_letters)
-        sinks.metric_snapshots.add(s.to_row() for s in out.snapshots)
         for dead_letter in out.dead_letters:
             await dead_letter_topic.send(
                 key=dead_letter.key.encode("utf-8"), value=orjson.dumps(dead_letter.to_message())
             )
-        for snapshot in out.snapshots:
+        await publish_snapshots(out.snapshots)
+        for update in out.rollups:
+            await rollup_topic.send(
+                key=update.partition_key.encode("utf-8"), value=orjson.dumps(update.to_message())
+            )
+        sinks.flush_due()
+
+    async def publish_snapshots(snapshots: list[Snapshot]) -> None:
+        sinks.metric_snapshots.add(s.to_row() for s in snapshots)
+        for snapshot in snapshots:
             await metrics_topic.send(
                 key=snapshot.key.encode("utf-8"), value=orjson.dumps(snapshot.to_message())
             )
-        sinks.flush_due()
 
     @app.agent(event_topics, name="ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
@@ -128,6 +241,35 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
                 for e in events
             ]  # fmt: skip
             await ship(processor.process(records))
+            await guard_batch(events)
+
+    @app.agent(rollup_topic, name="rollup")
+    async def rollup(stream: faust.StreamT[bytes]) -> None:
+        async for events in cast(faust.Stream[bytes], stream).take_events(
+            settings.batch_max, settings.batch_within_s
+        ):
+            updates = [
+                (
+                    e.message.partition,
+                    RollupUpdate.from_message(orjson.loads(e.message.value or b"{}")),
+                )
+                for e in events
+            ]
+            await publish_snapshots(rollup_processor.process(updates))
+            sinks.flush_due()
+            await guard_batch(events)
+
+    @app.task  # type: ignore[untyped-decorator]
+    async def quiet_client_logs() -> None:
+        # mode's logging setup leaves aiokafka's loggers enabled for DEBUG: every
+        # fetch then builds log records the handler throws away (a third of the
+        # consumer thread's time on the embedded broker, which never idles).
+        for name in ("aiokafka", "kafka"):
+            logging.getLogger(name).setLevel(max(logging.INFO, log_level))
+
+    @app.timer(interval=2.0)  # type: ignore[untyped-decorator]
+    async def repair_acks() -> None:
+        guard.repair_acks(app.consumer)
 
     @app.timer(interval=min(settings.sink_max_age_s, 1.0) / 2)  # type: ignore[untyped-decorator]
     async def flush_sinks() -> None:

@@ -1,9 +1,10 @@
 """Strict event models and the one entry point that turns raw bytes into an event.
 
 Every event read from Kafka goes through `parse_event`: it either returns a
-validated `VisitEvent` / `SurveyEvent` or raises `InvalidEvent` whose `reason`
-is one readable line for the dead-letter topic (DOMAIN.md: bad input is never
-dropped silently). Field names follow DOMAIN.md "Events".
+validated event (`VisitEvent`, `SurveyEvent`, `CallEvent`, `MysteryShopEvent` or
+`ComplaintEvent`) or raises `InvalidEvent` whose `reason` is one readable line for
+the dead-letter topic (DOMAIN.md: bad input is never dropped silently). Field
+names follow DOMAIN.md "Events".
 
 Validation is strict (no "5" for a number, no 1 for a bool, unknown fields
 rejected) because these events feed published indices: a silently coerced
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final, Literal, Self, get_args
+from typing import Annotated, Any, Final, Literal, Self, TypeAlias, get_args
 from uuid import UUID
 
 from pydantic import (
@@ -36,8 +37,8 @@ EventType = Literal["visit", "survey", "call", "mystery_shop", "complaint"]
 EVENT_TYPES: Final[tuple[str, ...]] = get_args(EventType)
 """Every event type DOMAIN.md defines."""
 
-SUPPORTED_EVENT_TYPES: Final[tuple[str, ...]] = ("visit", "survey")
-"""The event types `parse_event` accepts today; the others are rejected as not supported yet."""
+SUPPORTED_EVENT_TYPES: Final[tuple[str, ...]] = EVENT_TYPES
+"""The event types `parse_event` accepts: all of them."""
 
 SUPPORTED_SCHEMA_VERSIONS: Final[tuple[int, ...]] = (1,)
 
@@ -52,10 +53,26 @@ FUTURE_TOLERANCE: Final[timedelta] = timedelta(days=1)
 Department = Literal["service", "sales"]
 Source = Literal["dms", "survey_vendor", "call_centre", "auditor", "web"]
 SurveyChannel = Literal["web", "sms", "email", "phone", "app"]
+CallOutcome = Literal["reached", "no_answer", "refused", "wrong_number", "callback_requested"]
+AuditScenario = Literal[
+    "service_visit", "phone_inquiry", "sales_visit", "online_inquiry", "vehicle_delivery"
+]
+AuditResult = Literal["pass", "fail", "na"]
+ComplaintStatus = Literal["opened", "responded", "resolved", "closed", "reopened"]
+ComplaintCategory = Literal[
+    "waiting_time",
+    "price",
+    "repair_quality",
+    "attitude",
+    "promise_broken",
+    "parts",
+    "communication",
+    "other",
+]
 
 # Fields whose values may be personal data: never echoed into a rejection reason,
 # which ends up in logs and dead-letter metadata.
-_PII_FIELDS: Final[frozenset[str]] = frozenset({"customer_ref", "comment"})
+_PII_FIELDS: Final[frozenset[str]] = frozenset({"customer_ref", "auditor_ref", "comment"})
 
 
 # --- personal-data detection and scrubbing ------------------------------------
@@ -112,14 +129,15 @@ def scrub_personal_data(text: str) -> str:
     return _PHONE_CANDIDATE.sub(_phone_match, without_emails)
 
 
-_CUSTOMER_REF = re.compile(r"[A-Za-z0-9_-]{8,128}")
+_PSEUDONYMOUS_REF = re.compile(r"[A-Za-z0-9_-]{8,128}")
 _PHONE_LIKE_REF = re.compile(r"[\d\s()+.\-]+")
 
 
-def _check_customer_ref(value: str) -> str:
+def _check_pseudonymous_ref(value: str) -> str:
+    """A person's key (customer_ref, auditor_ref): a hash, never an e-mail or phone number."""
     if "@" in value or "＠" in value:
         raise PydanticCustomError(
-            "customer_ref_pii",
+            "pseudonymous_ref_pii",
             "must be a pseudonymous hash, not PII (it looks like an e-mail address)",
         )
     if (
@@ -127,12 +145,12 @@ def _check_customer_ref(value: str) -> str:
         and _PHONE_MIN_DIGITS <= _count_digits(value) <= _PHONE_MAX_DIGITS
     ):
         raise PydanticCustomError(
-            "customer_ref_pii",
+            "pseudonymous_ref_pii",
             "must be a pseudonymous hash, not PII (it looks like a phone number)",
         )
-    if not _CUSTOMER_REF.fullmatch(value):
+    if not _PSEUDONYMOUS_REF.fullmatch(value):
         raise PydanticCustomError(
-            "customer_ref_format",
+            "pseudonymous_ref_format",
             "must be a pseudonymous hash: 8–128 characters from A-Z a-z 0-9 _ -"
             " (got {length} characters)",
             {"length": len(value)},
@@ -199,18 +217,25 @@ def _check_timestamp_range(moment: datetime) -> datetime:
 Timestamp = Annotated[AwareDatetime, AfterValidator(_check_timestamp_range)]
 
 DealerId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")]
-CustomerRef = Annotated[str, AfterValidator(_check_customer_ref)]
+PseudonymousRef = Annotated[str, AfterValidator(_check_pseudonymous_ref)]
 SchemaVersion = Annotated[int, Field(ge=1), AfterValidator(_check_schema_version)]
-VisitId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+# Ids assigned by the emitting systems (DMS repair order, audit, complaint ticket).
+ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+VisitId = ExternalId
 Amount = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 # Codes are keys of the (replaceable) questionnaire catalogue; no dots, so that an
 # error path like "ratings.booking_ease" is unambiguous.
 AttributeCode = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
 # Finite numbers only; bools are refused by strict mode. The scale bounds are checked
-# by SurveyEvent, which knows the survey's scale.
+# by the event (SurveyEvent, CallEvent), which knows its scale.
 Rating = Annotated[float, Field(allow_inf_nan=False)]
 Comment = Annotated[str, AfterValidator(_scrub_comment)]
 MAX_RATED_ATTRIBUTES: Final[int] = 200
+MAX_AUDIT_ITEMS: Final[int] = 300
+AuditWeight = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Percentage = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+Severity = Annotated[int, Field(ge=1, le=4)]
 
 
 class _StrictModel(BaseModel):
@@ -234,6 +259,27 @@ class Scale(_StrictModel):
         return self
 
 
+def _off_scale_errors(
+    answers: list[tuple[tuple[str, ...], float]], scale: Scale, owner: str
+) -> list[InitErrorDetails]:
+    """One error per answer outside `scale`, located at the answer's own path."""
+    errors: list[InitErrorDetails] = []
+    for loc, value in answers:
+        if not scale.min <= value <= scale.max:
+            errors.append(
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "out_of_scale",
+                        "must be within the {owner} scale {min}–{max} (got {value})",
+                        {"owner": owner, "min": scale.min, "max": scale.max, "value": f"{value:g}"},
+                    ),
+                    loc=loc,
+                    input=value,
+                )
+            )
+    return errors
+
+
 class Envelope(_StrictModel):
     """Fields every event carries (DOMAIN.md "Events"); the base of every event model."""
 
@@ -243,7 +289,7 @@ class Envelope(_StrictModel):
     dealer_id: DealerId
     department: Department = "service"
     occurred_at: Timestamp
-    customer_ref: CustomerRef
+    customer_ref: PseudonymousRef
     source: Source
 
     @field_validator("occurred_at")
@@ -316,7 +362,6 @@ class SurveyEvent(Envelope):
                     input=self.ratings,
                 )
             )
-        lo, hi = self.scale.min, self.scale.max
         answers: list[tuple[tuple[str, ...], float]] = [
             (("ratings", code), value) for code, value in self.ratings.items()
         ]
@@ -328,17 +373,104 @@ class SurveyEvent(Envelope):
         }
         answers += [((name,), value) for name, value in single_answers.items() if value is not None]
         answers += [(("expectations", code), value) for code, value in self.expectations.items()]
-        for loc, value in answers:
-            if not lo <= value <= hi:
+        errors += _off_scale_errors(answers, self.scale, "survey")
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
+
+
+class CallEvent(Envelope):
+    """A follow-up call after a visit; with ratings it also counts as a survey response."""
+
+    event_type: Literal["call"] = "call"
+    visit_id: VisitId
+    outcome: CallOutcome
+    duration_s: Seconds | None = None
+    satisfaction_confirmed: bool | None = None
+    issue_reported: bool | None = None
+    scale: Scale = Field(default_factory=Scale)
+    ratings: dict[AttributeCode, Rating] = Field(
+        default_factory=dict, max_length=MAX_RATED_ATTRIBUTES
+    )
+    overall: Rating | None = None
+    comment: Comment | None = None
+
+    @property
+    def carries_ratings(self) -> bool:
+        """Whether the customer answered the questionnaire on the call (ratings or overall)."""
+        return bool(self.ratings) or self.overall is not None
+
+    @model_validator(mode="after")
+    def _ratings_only_when_reached(self) -> Self:
+        errors: list[InitErrorDetails] = []
+        if self.outcome != "reached":
+            carried: list[tuple[str, object]] = []
+            if self.ratings:
+                carried.append(("ratings", self.ratings))
+            if self.overall is not None:
+                carried.append(("overall", self.overall))
+            for name, value in carried:
                 errors.append(
                     InitErrorDetails(
                         type=PydanticCustomError(
-                            "out_of_scale",
-                            "must be within the survey scale {min}–{max} (got {value})",
-                            {"min": lo, "max": hi, "value": f"{value:g}"},
+                            "call_not_reached",
+                            "a call that did not reach the customer cannot carry ratings"
+                            " (outcome {outcome})",
+                            {"outcome": repr(self.outcome)},
                         ),
-                        loc=loc,
+                        loc=(name,),
                         input=value,
+                    )
+                )
+        answers: list[tuple[tuple[str, ...], float]] = [
+            (("ratings", code), value) for code, value in self.ratings.items()
+        ]
+        if self.overall is not None:
+            answers.append((("overall",), self.overall))
+        errors += _off_scale_errors(answers, self.scale, "call")
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
+
+
+class AuditItem(_StrictModel):
+    """One checklist point of a mystery-shop audit."""
+
+    code: AttributeCode
+    section: AttributeCode
+    weight: AuditWeight
+    result: AuditResult
+    mandatory: bool = False
+
+
+class MysteryShopEvent(Envelope):
+    """An audit by a mystery shopper: a weighted pass / fail / not-applicable checklist."""
+
+    event_type: Literal["mystery_shop"] = "mystery_shop"
+    audit_id: ExternalId
+    scenario: AuditScenario
+    items: list[AuditItem] = Field(min_length=1, max_length=MAX_AUDIT_ITEMS)
+    pass_mark: Percentage | None = None
+    """The score (0–100) the audit must reach to pass; None when the audit does not say."""
+    auditor_ref: PseudonymousRef | None = None
+
+    @model_validator(mode="after")
+    def _codes_unique(self) -> Self:
+        first_index: dict[str, int] = {}
+        errors: list[InitErrorDetails] = []
+        for index, item in enumerate(self.items):
+            first = first_index.setdefault(item.code, index)
+            if first != index:
+                errors.append(
+                    InitErrorDetails(
+                        type=PydanticCustomError(
+                            "audit_code_duplicate",
+                            "duplicate code {code}: codes must be unique within an audit"
+                            " (first at items.{first})",
+                            {"code": repr(item.code), "first": first},
+                        ),
+                        loc=("items", index, "code"),
+                        input=item.code,
                     )
                 )
         if errors:
@@ -346,10 +478,43 @@ class SurveyEvent(Envelope):
         return self
 
 
-Event = Annotated[VisitEvent | SurveyEvent, Field(discriminator="event_type")]
+class ComplaintEvent(Envelope):
+    """One state change of a complaint; a complaint's history is its sequence of events."""
+
+    event_type: Literal["complaint"] = "complaint"
+    complaint_id: ExternalId
+    status: ComplaintStatus
+    category: ComplaintCategory
+    severity: Severity
+    visit_id: VisitId | None = None
+    compensation_amount: Amount | None = None
+    satisfied_after: bool | None = None
+    """Whether the customer ended up satisfied with the handling; only on close."""
+    comment: Comment | None = None
+
+    @model_validator(mode="after")
+    def _satisfied_after_only_on_close(self) -> Self:
+        if self.satisfied_after is not None and self.status != "closed":
+            error = InitErrorDetails(
+                type=PydanticCustomError(
+                    "satisfied_after_not_closed",
+                    "only allowed when status is 'closed' (got status {status})",
+                    {"status": repr(self.status)},
+                ),
+                loc=("satisfied_after",),
+                input=self.satisfied_after,
+            )
+            raise ValidationError.from_exception_data(type(self).__name__, [error])
+        return self
+
+
+AnyEvent: TypeAlias = VisitEvent | SurveyEvent | CallEvent | MysteryShopEvent | ComplaintEvent
+"""Any validated event, as a plain union (for annotations)."""
+
+Event = Annotated[AnyEvent, Field(discriminator="event_type")]
 """Any supported event; `event_type` picks the model."""
 
-_EVENT_ADAPTER: Final[TypeAdapter[VisitEvent | SurveyEvent]] = TypeAdapter(Event)
+_EVENT_ADAPTER: Final[TypeAdapter[AnyEvent]] = TypeAdapter(Event)
 
 
 # --- parsing -------------------------------------------------------------------
@@ -369,8 +534,8 @@ _SIMPLE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Our own error types: their messages already say what was received (or must not, PII).
 _SELF_DESCRIBING_ERRORS: Final[frozenset[str]] = frozenset(
     {
-        "customer_ref_pii",
-        "customer_ref_format",
+        "pseudonymous_ref_pii",
+        "pseudonymous_ref_format",
         "comment_too_long",
         "schema_version_unsupported",
         "scale_order",
@@ -378,6 +543,9 @@ _SELF_DESCRIBING_ERRORS: Final[frozenset[str]] = frozenset(
         "timestamp_range",
         "out_of_scale",
         "survey_empty",
+        "call_not_reached",
+        "audit_code_duplicate",
+        "satisfied_after_not_closed",
         "missing",
         "extra_forbidden",
     }
@@ -435,12 +603,10 @@ def _describe_error(error: Any) -> str:
         tag = received.get("event_type") if isinstance(received, dict) else None
         if tag is None:
             return f"event_type: is required (supported: {', '.join(SUPPORTED_EVENT_TYPES)})"
-        if isinstance(tag, str) and tag in EVENT_TYPES:
-            return f"event_type {tag!r} is not supported yet"
         return f"unknown event_type {_shown(tag)}"
     # Errors inside a tagged union are located under the tag ("survey", "ratings", ...);
     # the tag is not a field of the payload.
-    if loc and loc[0] in SUPPORTED_EVENT_TYPES:
+    if loc and loc[0] in EVENT_TYPES:
         loc = loc[1:]
     if len(loc) >= 2 and loc[-1] == "[key]":
         where, key = _path(loc[:-2]), loc[-2]
@@ -470,7 +636,7 @@ def _reason(exc: ValidationError) -> str:
     return "; ".join(described).replace("\n", " ").replace("\r", " ") or "invalid event"
 
 
-def parse_event(raw: bytes | str, *, now: datetime | None = None) -> VisitEvent | SurveyEvent:
+def parse_event(raw: bytes | str, *, now: datetime | None = None) -> AnyEvent:
     """Validate one raw event (a Kafka message value) into its model.
 
     `now` (timezone-aware, default: the current UTC time) is the clock `occurred_at`
@@ -502,6 +668,6 @@ def parse_event(raw: bytes | str, *, now: datetime | None = None) -> VisitEvent 
         raise InvalidEvent(f"internal error while validating: {type(exc).__name__}: {exc}") from exc
 
 
-def event_to_json(event: VisitEvent | SurveyEvent) -> bytes:
+def event_to_json(event: AnyEvent) -> bytes:
     """Canonical JSON of a validated event; `parse_event` reads it back to an equal model."""
     return _EVENT_ADAPTER.dump_json(event)

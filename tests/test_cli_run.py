@@ -62,7 +62,8 @@ def test_run_shows_progress_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
 
     query = subprocess.run(
         [*CSI, "query", "--data-dir", str(state), "--format", "json",
-         "SELECT count() AS dealers FROM (SELECT DISTINCT key FROM csi.metric_snapshots FINAL)"],
+         "SELECT uniqExactIf(key, scope = 'dealer') AS dealers, countIf(scope = 'network') > 0 "
+         "AS network FROM csi.metric_snapshots FINAL"],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
-    assert query.stdout.strip() == '{"dealers":8}'
+    assert query.stdout.strip() == '{"dealers":8,"network":1}'

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import asdict
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,14 @@ from typing import Any
 import orjson
 import pytest
 
+from pipeline.batch import run_batch, window_figures
 from pipeline.catalogue import load_catalogue
-from pipeline.metrics import WINDOWS, figures, merged, window_days
+from pipeline.metrics import WINDOWS
 from pipeline.producer import EventProducer
+from pipeline.registry import DealerRegistry, write_registry
 from pipeline.runner import ProgressReader
-from pipeline.simulator import simulate
-from pipeline.stream import unit_windows
+from pipeline.simulator import simulate, simulated_registry
 from pipeline.topics import EVENT_TOPICS
-from schemas import parse_event
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +67,7 @@ def malformed_records(today: date) -> list[tuple[str, bytes, bytes, str]]:
         (SURVEY_TOPIC, b"D001", variant(occurred_at="2026-01-01T08:00:00"), "occurred_at"),
         (SURVEY_TOPIC, b"D001", variant(occurred_at=future), "occurred_at"),
         (SURVEY_TOPIC, b"D001", variant(event_type="gossip"), "gossip"),
-        (EVENT_TOPICS["call"].name, b"D001", variant(event_type="call"), "not supported yet"),
+        (EVENT_TOPICS["call"].name, b"D001", variant(event_type="call"), "outcome: is required"),
         (SURVEY_TOPIC, b"D999", variant(), "must equal dealer_id"),
         (SURVEY_TOPIC, b"D001", b"\xff\xfe\x00binary", "JSON"),
     ]
@@ -79,11 +80,14 @@ def wait_until_consumed(
     try:
         assert reader.poll().produced == expected
         deadline = time.monotonic() + timeout_s
-        while (processed := reader.poll().processed) < expected and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            progress = reader.poll()
+            if progress.processed >= expected and not progress.rollups_behind:
+                break  # every event, and every roll-up update they caused
             if worker.poll() is not None:
                 break  # died: the caller shows its log
             time.sleep(0.5)
-        return processed
+        return progress.processed
     finally:
         reader.close()
 
@@ -108,72 +112,98 @@ def run_worker_until_consumed(
 
 def test_events_in_figures_out(broker: Any, tmp_path: Path) -> None:
     today = datetime.now(UTC).date()
-    events = list(simulate(6, 12, end=today, seed=11))
+    events = list(simulate(5, 50, end=today, seed=11))
+    registry = simulated_registry(5, seed=11)
+    write_registry(registry, tmp_path / "dealers.csv")
     replayed = events[5]  # produced twice: must count once everywhere
+    surveys = [e for e in events if e["event_type"] == "survey"]
+    newest = max(e["occurred_at"] for e in events)
+
+    def late_copy(days_back: int) -> dict[str, Any]:
+        when = datetime.fromisoformat(newest) - timedelta(days=days_back)
+        return {**surveys[-1], "event_id": str(uuid.uuid4()), "occurred_at": when.isoformat()}
+
+    extra = [
+        late_copy(20),  # late but within the 35-day bound: counts, windows re-emitted
+        late_copy(40),  # beyond it: a dead letter, in stream and batch alike
+        {**surveys[-1], "event_id": str(uuid.uuid4()), "dealer_id": "D999"},  # unregistered
+    ]
     bad = malformed_records(today)
     warehouse = f"chdb://{tmp_path / 'warehouse'}"
     group = f"csi-e2e-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ, "CSI_BOOTSTRAP": broker.bootstrap, "CSI_WAREHOUSE": warehouse,
         "CSI_DATA_DIR": str(tmp_path), "CSI_APP_ID": group,
+        "CSI_REGISTRY": str(tmp_path / "dealers.csv"),
     }  # fmt: skip
     # Two worker runs over two halves of the stream: the worker keeps its
     # buckets in memory, so the second run must recover them from the
-    # changelog, or its 30-day windows would miss the first half.
+    # changelog, or its windows would miss the first half.
     half = len(events) // 2
     with EventProducer(broker.bootstrap) as producer:
         for event in events[:half]:
             producer.send(event)
     run_worker_until_consumed(broker.bootstrap, group, half, env, tmp_path / "worker-1.log")
     with EventProducer(broker.bootstrap) as producer:
-        for event in events[half:]:
+        for event in [*events[half:], replayed, *extra]:
             producer.send(event)
-        producer.send(replayed)
         for topic, key, value, _ in bad:
             producer.send_raw(topic, value, key=key)
-    total = len(events) + 1 + len(bad)
+    total = len(events) + 1 + len(extra) + len(bad)
     run_worker_until_consumed(broker.bootstrap, group, total, env, tmp_path / "worker-2.log")
 
     # every valid event exactly once
-    valid = [parse_event(orjson.dumps(e)) for e in events]
+    valid_ids = {e["event_id"] for e in [*events, extra[0]]}
     stored = query(
         warehouse, "SELECT toString(event_id) AS id, count() AS n FROM csi.events FINAL GROUP BY id"
     )
-    assert {r["id"] for r in stored} == {str(e.event_id) for e in valid}
+    assert {r["id"] for r in stored} == valid_ids
     assert all(r["n"] == 1 for r in stored)
 
     # every malformed record is a dead letter with its reason
     dead = query(warehouse, "SELECT reason, raw_b64 FROM csi.dead_letters FINAL")
-    assert len(dead) == len(bad)
-    for _, _, value, expected_reason in bad:
+    expected_dead = [
+        *((value, reason) for _, _, value, reason in bad),
+        (orjson.dumps(extra[1]), "too late"),
+        (orjson.dumps(extra[2]), "not in the dealer registry"),
+    ]
+    assert len(dead) == len(expected_dead)
+    for value, expected_reason in expected_dead:
         [row] = [d for d in dead if base64.b64decode(d["raw_b64"]) == value]
         assert expected_reason in row["reason"], row["reason"]
 
-    # the stream's figures equal the formulas over the produced events
-    units = unit_windows(valid, CATALOGUE)
+    # every snapshot of every scope and window equals the batch recompute
+    # (`csi metrics`' code) over the same events in the same order
+    lines = [orjson.dumps(e) for e in [*events, replayed, *extra]]
+    batch = run_batch(lines, CATALOGUE, registry=DealerRegistry(registry))
     snapshots = query(
         warehouse,
-        "SELECT key, department, window, toString(window_end) AS window_end, csi, nps, "
-        "n_responses, n_visits, nps_n FROM csi.metric_snapshots FINAL",
+        "SELECT *, toString(window_end) AS end FROM csi.metric_snapshots FINAL",
     )
-    assert snapshots
-    checked_latest = set()
+    assert {s["scope"] for s in snapshots} == {"dealer", "region", "brand", "network"}
+    assert {s["window"] for s in snapshots} == set(WINDOWS)
     for snap in snapshots:
-        days = units[(snap["key"], snap["department"])]
-        end = date.fromisoformat(snap["window_end"])
-        expected = figures(
-            merged(days[d] for d in window_days(end, WINDOWS[snap["window"]]) if d in days),
-            CATALOGUE,
-        )
-        assert snap["n_responses"] == expected.n_responses
-        assert snap["n_visits"] == expected.n_visits
-        assert snap["nps_n"] == expected.nps_n
-        for name in ("csi", "nps"):
-            want = getattr(expected, name)
-            assert (snap[name] is None) == (want is None)
-            if want is not None:
-                assert snap[name] == pytest.approx(want, abs=1e-9)
-        if snap["window"] == "30d" and end == max(days):
-            checked_latest.add(snap["key"])
-    # the rolling 30 days as of each dealer's newest day is there, for every dealer
-    assert checked_latest == {dealer for dealer, _ in units}
+        expected = asdict(
+            window_figures(
+                batch, CATALOGUE, snap["scope"], snap["key"], snap["department"],
+                snap["window"], date.fromisoformat(snap["end"]),
+            )
+        )  # fmt: skip
+        for name, want in expected.items():
+            assert_same(snap[name], want, f"{snap['scope']} {snap['key']} {snap['window']} "
+                        f"{snap['end']} {name}")  # fmt: skip
+    # the newest 30-day window of every dealer and of the network is there
+    newest_30d = {s["key"] for s in snapshots if s["window"] == "30d" and s["end"] == newest[:10]}
+    assert {d.dealer_id for d in registry} | {"network"} <= newest_30d
+
+
+def assert_same(got: Any, want: Any, where: str) -> None:
+    """Equal, with a 1e-9 tolerance for floats, also inside maps."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), where
+        for key, value in want.items():
+            assert_same(got[key], value, f"{where}.{key}")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=1e-9), where
+    else:
+        assert got == want, where

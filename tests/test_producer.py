@@ -152,7 +152,7 @@ def test_config_defaults_and_idempotence_flag(broker: EmbeddedBroker) -> None:
 @pytest.mark.integration
 def test_send_routes_by_type_and_keys_by_dealer(broker: EmbeddedBroker) -> None:
     events = list(simulate(3, 2, end=date(2024, 6, 30), seed=1))
-    assert {e["event_type"] for e in events} == {"visit", "survey"}
+    assert {"visit", "survey", "call"} <= {e["event_type"] for e in events}  # several topics
     raw = (topic_for("survey"), None, b"{not json")
     with EventProducer(broker.bootstrap) as producer:
         for event in events:

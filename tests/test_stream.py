@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from pipeline.catalogue import load_catalogue
-from pipeline.stream import BatchProcessor, DictStore, RawRecord
+from pipeline.stream import DealerProcessor, DictStore, RawRecord, RollupProcessor
 from pipeline.topics import EVENT_TOPICS
 
 CATALOGUE = load_catalogue()
@@ -66,16 +66,17 @@ class Feed:
 
 
 @pytest.fixture
-def processor() -> BatchProcessor:
-    return BatchProcessor(DictStore(), CATALOGUE, clock=lambda: NOW)
+def processor() -> DealerProcessor:
+    return DealerProcessor(DictStore(), CATALOGUE, clock=lambda: NOW)
 
 
 def by_window(snapshots: list[Any], window: str, end: date) -> Any:
+    """The figures of the one snapshot of this window and end date."""
     [match] = [s for s in snapshots if s.window == window and s.window_end == end]
-    return match
+    return match.figures
 
 
-def test_batch_gives_hand_computed_csi_and_nps(processor: BatchProcessor) -> None:
+def test_batch_gives_hand_computed_csi_and_nps(processor: DealerProcessor) -> None:
     feed = Feed()
     # D001 on 18 Nov: quality 9 and 7 → 800; facility 6 → 600
     # CSI = (32·800 + 15·600)/47 = 34600/47; NPS: one promoter (10), one detractor (5) → 0
@@ -92,16 +93,24 @@ def test_batch_gives_hand_computed_csi_and_nps(processor: BatchProcessor) -> Non
     assert day.factors == {"service_quality": 800.0, "service_facility": 600.0}
     assert (day.n_responses, day.n_visits, day.nps, day.nps_n) == (2, 1, 0.0, 2)
     # the 30-day window ending 19 Nov holds both days: same ratings, 2 visits
-    rolling = by_window(out.snapshots, "30d", date(2026, 11, 19))
-    assert rolling.window_start == date(2026, 10, 21)
+    [rolling_snapshot] = [
+        s for s in out.snapshots if s.window == "30d" and s.window_end == date(2026, 11, 19)
+    ]
+    assert rolling_snapshot.window_start == date(2026, 10, 21)
+    rolling = rolling_snapshot.figures
     assert rolling.csi == pytest.approx(34600 / 47, abs=1e-9)
     assert rolling.n_visits == 2
     assert by_window(out.snapshots, "day", date(2026, 11, 19)).csi is None  # no ratings that day
     # the changelog goes to the partition the dealer's events came from
     assert set(processor.store.partitions.values()) == {2}  # type: ignore[attr-defined]
+    # one roll-up update per changed dealer-day and scope, with absolute values
+    assert sorted((u.scope, u.key, u.day.day) for u in out.rollups) == [
+        ("brand", "unknown", 18), ("brand", "unknown", 19), ("network", "network", 18),
+        ("network", "network", 19), ("region", "unknown", 18), ("region", "unknown", 19),
+    ]  # fmt: skip
 
 
-def test_replayed_event_counts_once(processor: BatchProcessor) -> None:
+def test_replayed_event_counts_once(processor: DealerProcessor) -> None:
     feed = Feed()
     answer = survey("D002", "2026-11-18", {"work_quality": 10}, 9)
     processor.process([feed(answer)])
@@ -113,7 +122,7 @@ def test_replayed_event_counts_once(processor: BatchProcessor) -> None:
     assert by_window(again.snapshots, "day", date(2026, 11, 18)).csi == pytest.approx(750.0)
 
 
-def test_late_event_re_emits_the_windows_that_contain_it(processor: BatchProcessor) -> None:
+def test_late_event_re_emits_the_windows_that_contain_it(processor: DealerProcessor) -> None:
     feed = Feed()
     processor.process([feed(survey("D003", "2026-11-19", {"work_quality": 8}, 9))])
     out = processor.process([feed(survey("D003", "2026-11-17", {"work_quality": 6}, 9))])
@@ -125,7 +134,7 @@ def test_late_event_re_emits_the_windows_that_contain_it(processor: BatchProcess
 
 
 def test_malformed_input_is_dead_lettered_with_bytes_and_reason(
-    processor: BatchProcessor,
+    processor: DealerProcessor,
 ) -> None:
     feed = Feed()
     good = survey("D004", "2026-11-18", {"work_quality": 8}, 9)
@@ -151,4 +160,38 @@ def test_malformed_input_is_dead_lettered_with_bytes_and_reason(
     assert last.dead_letter_id == f"{SURVEY_TOPIC}:1:99"
     row = last.to_row()
     assert base64.b64decode(row[7]) == b"\xff\xfe{not json"  # original bytes kept exactly
-    assert out.snapshots[0].n_responses == 1
+    assert out.snapshots[0].figures.n_responses == 1
+
+
+def test_too_late_event_is_a_dead_letter(processor: DealerProcessor) -> None:
+    feed = Feed()
+    processor.process([feed(survey("D005", "2026-11-19", {"work_quality": 8}, 9))])
+    within = survey("D005", "2026-10-15", {"work_quality": 6}, 9)  # 35 days before: counts
+    beyond = survey("D005", "2026-10-14", {"work_quality": 6}, 9)  # 36 days: too late
+    out = processor.process([feed(within), feed(beyond)])
+    assert len(out.event_rows) == 1
+    [dead] = out.dead_letters
+    assert "too late" in dead.reason and "2026-10-14" in dead.reason
+
+
+def test_rollups_are_sums_of_dealers_and_replays_change_nothing() -> None:
+    dealers = DealerProcessor(DictStore(), CATALOGUE, clock=lambda: NOW)
+    rollups = RollupProcessor(DictStore(), CATALOGUE, clock=lambda: NOW)
+    feed = Feed()
+    # D006 quality 10 twice (1000), D007 quality 7 once (700): network pools
+    # the three ratings: (10 + 10 + 7)/3 = 9 → 900
+    out = dealers.process(
+        [
+            feed(survey("D006", "2026-11-18", {"work_quality": 10}, 10)),
+            feed(survey("D006", "2026-11-18", {"work_quality": 10}, 10)),
+            feed(survey("D007", "2026-11-18", {"work_quality": 7}, 3)),
+        ]
+    )
+    updates = [(0, u) for u in out.rollups]
+    snapshots = rollups.process(updates)
+    network = [s for s in snapshots if s.scope == "network" and s.window == "day"]
+    assert network[0].figures.csi == pytest.approx(900.0)
+    assert network[0].figures.nps == pytest.approx(100 / 3)  # 2 promoters, 1 detractor
+    again = rollups.process(updates)  # a replayed update: absolute values, no change
+    network_again = [s for s in again if s.scope == "network" and s.window == "day"]
+    assert network_again[0].figures == network[0].figures

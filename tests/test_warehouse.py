@@ -7,6 +7,7 @@ next one opens another directory (the fixtures do it in `finally`).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 import subprocess
 import sys
@@ -20,6 +21,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from pipeline.catalogue import load_catalogue
+from pipeline.metrics import Bucket, figures
+from pipeline.stream import Snapshot
 from pipeline.warehouse import (
     DEAD_LETTERS_COLUMNS,
     DEAD_LETTERS_SCHEMA,
@@ -116,26 +120,22 @@ def event_row(
 
 
 def snapshot_row(*, version: int, csi: float | None, nps: float | None) -> tuple[Any, ...]:
-    values = {
-        "scope": "dealer",
-        "key": "D001",
-        "department": "service",
-        "window": "30d",
-        "window_start": date(2026, 4, 5),
-        "window_end": date(2026, 5, 4),
-        "n_responses": 40 + version,
-        "n_visits": 120,
-        "csi": csi,
-        "factors": {"service_advisor": 812.5, "service_quality": 790.0 + version},
-        "factor_n": {"service_advisor": 38, "service_quality": 40},
-        "nps": nps,
-        "nps_n": 40,
-        "nps_se": None,
-        "weights_version": "jdp-2023",
-        "computed_at": INGESTED_AT + timedelta(seconds=version),
-        "version": version,
-    }
-    return tuple(values[column] for column in METRIC_SNAPSHOTS_COLUMNS)
+    """A row built the way the worker builds it (`Snapshot.to_row`)."""
+    empty = figures(Bucket(), load_catalogue())
+    result = dataclasses.replace(
+        empty,
+        n_responses=40 + version,
+        n_visits=120,
+        csi=csi,
+        factors={"service_advisor": 812.5, "service_quality": 790.0 + version},
+        factor_n={"service_advisor": 38, "service_quality": 40},
+        nps=nps,
+        nps_n=40,
+    )
+    return Snapshot(
+        "dealer", "D001", "North", "Brand A", "service", "30d", date(2026, 4, 5),
+        date(2026, 5, 4), result, INGESTED_AT + timedelta(seconds=version), version,
+    ).to_row()  # fmt: skip
 
 
 def count(warehouse: Warehouse, sql: str) -> int:
