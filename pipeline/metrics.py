@@ -50,6 +50,15 @@ from schemas import (
 CSS_EPSILON = 0.05
 """Tolerance around a CSS ratio of 1 within which expectations count as met."""
 
+FOLLOW_UP_DAYS = 3
+"""A visit is followed up when a call reaches the customer within this many days of delivery."""
+COMEBACK_DAYS = 30
+"""A visit is not fixed first time when a comeback visit arrives within this many days."""
+SLA_FIRST_RESPONSE_HOURS = {4: 4, 3: 8, 2: 24, 1: 48}
+"""Complaint first-response due time by severity (4 = most severe), hours."""
+SLA_RESOLUTION_HOURS = {4: 48, 3: 120, 2: 240, 1: 360}
+"""Complaint resolution due time by severity, hours."""
+
 WINDOWS: dict[str, int | None] = {"day": 1, "7d": 7, "30d": 30, "90d": 90, "month": None}
 """Window name → length in days; None for the calendar month to date."""
 
@@ -119,6 +128,23 @@ def css_verdict(ratio: float, epsilon: float = CSS_EPSILON) -> str:
     if ratio > 1.0 + epsilon:
         return "exceeded"
     return "disappointed" if ratio < 1.0 - epsilon else "met"
+
+
+def percentile(counts: Mapping[str, float], q: float) -> float | None:
+    """Nearest-rank percentile of values stored as {value: count}; None if empty.
+
+    Values are whole minutes as text (mergeable: counts add up), so p50/p90
+    of a window are exact at minute resolution."""
+    pairs = sorted((float(v), c) for v, c in counts.items() if c > 0)
+    total = sum(c for _, c in pairs)
+    if not total:
+        return None
+    rank, seen = math.ceil(q * total), 0.0
+    for value, count in pairs:
+        seen += count
+        if seen >= rank:
+            return value
+    return pairs[-1][0]
 
 
 def is_top2(x: float, scale: Scale) -> bool:
@@ -267,6 +293,22 @@ class Bucket:
             self.add(f"audit_pass_w:{item.section}", item.weight * (item.result == "pass"))
             self.add("audit_mandatory_failed", item.mandatory and item.result == "fail")
 
+    # -- joined facts (the stream finds them by visit_id / complaint_id) ------
+
+    def add_follow_up(self) -> None:
+        """A visit of this day got a reached call within FOLLOW_UP_DAYS."""
+        self.add("followed_up")
+
+    def add_comeback_against(self) -> None:
+        """A visit of this day came back within COMEBACK_DAYS: not fixed first time."""
+        self.add("comebacks_against")
+
+    def add_complaint_duration(self, kind: str, minutes: int, past_due: bool) -> None:
+        """`kind` is first_response or resolution, for a complaint opened this day."""
+        self.add(f"{kind}_min:{minutes}")
+        self.add(f"{kind}_n")
+        self.add(f"{kind}_past_due", past_due)
+
     def by_suffix(self, prefix: str) -> dict[str, float]:
         """{suffix: value} of every statistic named `prefix:suffix`."""
         head = prefix + ":"
@@ -317,9 +359,17 @@ class Figures:
     greet_wait_min: float | None
     invoice_vs_estimate: float | None
     comeback_rate: float | None
+    follow_up_rate: float | None
+    fixed_first_time: float | None
     complaints_opened: int
     complaints_per_100_visits: float | None
     recovery_success: float | None
+    first_response_p50_h: float | None
+    first_response_p90_h: float | None
+    first_response_past_sla: float | None
+    resolution_p50_h: float | None
+    resolution_p90_h: float | None
+    resolution_past_sla: float | None
     mystery_shop_score: float | None
     mystery_shop_sections: dict[str, float]
     n_audits: int
@@ -376,9 +426,14 @@ def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
         greet_wait_min=mean(b("greet_wait_min"), b("greet_wait_n")),
         invoice_vs_estimate=mean(b("invoice_ratio_sum"), b("invoice_ratio_n")),
         comeback_rate=percent(b("comebacks"), b("visits")),
+        follow_up_rate=percent(b("followed_up"), b("visits")),
+        fixed_first_time=(
+            100.0 - 100.0 * b("comebacks_against") / b("visits") if b("visits") else None
+        ),
         complaints_opened=int(b("complaints_opened")),
         complaints_per_100_visits=percent(b("complaints_opened"), b("visits")),
         recovery_success=percent(b("recovered"), b("recovery_n")),
+        **complaint_durations(bucket),
         mystery_shop_score=percent(sum(audit_pass.values()), sum(audit_total.values())),
         mystery_shop_sections={
             s: 100.0 * audit_pass.get(s, 0.0) / w for s, w in audit_total.items() if w
@@ -386,6 +441,17 @@ def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
         n_audits=int(b("audits")),
         weights_version=catalogue.version,
     )
+
+
+def complaint_durations(bucket: Bucket) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for kind in ("first_response", "resolution"):
+        minutes = bucket.by_suffix(f"{kind}_min")
+        for q in (50, 90):
+            value = percentile(minutes, q / 100)
+            out[f"{kind}_p{q}_h"] = None if value is None else value / 60.0
+        out[f"{kind}_past_sla"] = percent(bucket.get(f"{kind}_past_due"), bucket.get(f"{kind}_n"))
+    return out
 
 
 # --- windows -----------------------------------------------------------------

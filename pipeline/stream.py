@@ -22,12 +22,16 @@ import base64
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
 from pipeline.catalogue import Catalogue
 from pipeline.metrics import (
+    COMEBACK_DAYS,
+    FOLLOW_UP_DAYS,
+    SLA_FIRST_RESPONSE_HOURS,
+    SLA_RESOLUTION_HOURS,
     WINDOWS,
     Bucket,
     Figures,
@@ -40,7 +44,15 @@ from pipeline.metrics import (
 from pipeline.registry import UNKNOWN, DealerRegistry
 from pipeline.topics import EVENT_TOPICS
 from pipeline.warehouse import METRIC_SNAPSHOTS_COLUMNS, dead_letter_row
-from schemas import AnyEvent, InvalidEvent, event_to_json, parse_event
+from schemas import (
+    AnyEvent,
+    CallEvent,
+    ComplaintEvent,
+    InvalidEvent,
+    VisitEvent,
+    event_to_json,
+    parse_event,
+)
 
 TOPIC_EVENT_TYPE = {spec.name: event_type for event_type, spec in EVENT_TOPICS.items()}
 
@@ -386,6 +398,16 @@ class DealerProcessor:
             stored[key].bucket.add_event(event, self.catalogue)
             changed.setdefault((dealer_id, event.department), set()).add(day)
             partition_of[dealer_id] = record.partition
+
+            def day_bucket(department: str, on: date, dealer: str = dealer_id) -> Bucket:
+                """Another day's bucket of this dealer, which a joined fact changes."""
+                other = dealer_bucket_key(dealer, department, on)
+                if other not in stored:
+                    stored[other] = StoredBucket.from_dict(self.store.get(other))
+                changed.setdefault((dealer, department), set()).add(on)
+                return stored[other].bucket
+
+            join_event(event, self.store, record.partition, day_bucket)
             for latest_of in (type_key, latest_key("dealer", dealer_id)):
                 newest = latest[latest_of]
                 latest[latest_of] = day if newest is None else max(newest, day)
@@ -429,6 +451,142 @@ class DealerProcessor:
         return DeadLetter(
             record.topic, record.partition, record.offset, key, reason, record.value, now
         )
+
+
+def _put(store: StateStore, key: str, value: dict[str, Any], partition: int) -> None:
+    store.put(key, value, partition)
+
+
+def _within(later: datetime, earlier: datetime, days: int) -> bool:
+    return timedelta(0) <= later - earlier <= timedelta(days=days)
+
+
+def join_event(
+    event: AnyEvent,
+    store: StateStore,
+    partition: int,
+    day_bucket: Callable[[str, date], Bucket],
+) -> None:
+    """Facts that need two events: a visit's follow-up call, its comeback,
+    a complaint's response and resolution times.
+
+    Keyed by visit_id / complaint_id within the dealer (one partition). Calls
+    and visits are on different topics, so either may come first: the one
+    that finds no partner leaves a pending note the other one picks up, and
+    the final figures do not depend on the order.
+    """
+    dealer = event.dealer_id
+    if isinstance(event, VisitEvent):
+        visit_key = f"visit|{dealer}|{event.visit_id}"
+        visit: dict[str, Any] = {
+            "day": event_day(event).isoformat(),
+            "department": event.department,
+            "delivered_at": event.delivered_at.isoformat() if event.delivered_at else None,
+            "followed_up": False,
+            "came_back": False,
+        }
+        if event.delivered_at is not None:
+            delivered = event.delivered_at
+            calls = store.get(f"pending_calls|{dealer}|{event.visit_id}") or {"at": []}
+            if any(
+                _within(datetime.fromisoformat(at), delivered, FOLLOW_UP_DAYS) for at in calls["at"]
+            ):
+                visit["followed_up"] = True
+                day_bucket(event.department, event_day(event)).add_follow_up()
+            comebacks = store.get(f"pending_comebacks|{dealer}|{event.visit_id}") or {"at": []}
+            if any(
+                _within(datetime.fromisoformat(at), delivered, COMEBACK_DAYS)
+                for at in comebacks["at"]
+            ):
+                visit["came_back"] = True
+                day_bucket(event.department, event_day(event)).add_comeback_against()
+        _put(store, visit_key, visit, partition)
+        if event.comeback_of is not None:
+            _note_comeback(event, store, partition, day_bucket)
+    elif isinstance(event, CallEvent) and event.outcome == "reached":
+        called = store.get(f"visit|{dealer}|{event.visit_id}")
+        if called is None:
+            key = f"pending_calls|{dealer}|{event.visit_id}"
+            pending = store.get(key) or {"at": []}
+            _put(store, key, {"at": [*pending["at"], event.occurred_at.isoformat()]}, partition)
+        elif (
+            not called["followed_up"]
+            and called["delivered_at"] is not None
+            and _within(
+                event.occurred_at, datetime.fromisoformat(called["delivered_at"]), FOLLOW_UP_DAYS
+            )
+        ):
+            day_bucket(called["department"], date.fromisoformat(called["day"])).add_follow_up()
+            _put(
+                store,
+                f"visit|{dealer}|{event.visit_id}",
+                {**called, "followed_up": True},
+                partition,
+            )
+    elif isinstance(event, ComplaintEvent):
+        _note_complaint(event, store, partition, day_bucket)
+
+
+def _note_comeback(
+    event: VisitEvent, store: StateStore, partition: int, day_bucket: Callable[[str, date], Bucket]
+) -> None:
+    original_key = f"visit|{event.dealer_id}|{event.comeback_of}"
+    original = store.get(original_key)
+    if original is None:
+        key = f"pending_comebacks|{event.dealer_id}|{event.comeback_of}"
+        pending = store.get(key) or {"at": []}
+        _put(store, key, {"at": [*pending["at"], event.arrived_at.isoformat()]}, partition)
+    elif (
+        not original["came_back"]
+        and original["delivered_at"] is not None
+        and _within(
+            event.arrived_at, datetime.fromisoformat(original["delivered_at"]), COMEBACK_DAYS
+        )
+    ):
+        day_bucket(
+            original["department"], date.fromisoformat(original["day"])
+        ).add_comeback_against()
+        _put(store, original_key, {**original, "came_back": True}, partition)
+
+
+def _note_complaint(
+    event: ComplaintEvent,
+    store: StateStore,
+    partition: int,
+    day_bucket: Callable[[str, date], Bucket],
+) -> None:
+    """Complaint events share one topic, so a dealer's arrive in order."""
+    key = f"complaint|{event.dealer_id}|{event.complaint_id}"
+    complaint = store.get(key)
+    if event.status == "opened":
+        if complaint is None:
+            _put(store, key, {
+                "day": event_day(event).isoformat(), "department": event.department,
+                "opened_at": event.occurred_at.isoformat(), "severity": event.severity,
+                "responded": False, "resolved": False,
+            }, partition)  # fmt: skip
+        return
+    if complaint is None:
+        return  # its opening is not known: no duration to measure
+    opened = datetime.fromisoformat(complaint["opened_at"])
+    minutes = max(int((event.occurred_at - opened).total_seconds() // 60), 0)
+
+    def bucket() -> Bucket:  # the bucket of the day the complaint was opened
+        return day_bucket(complaint["department"], date.fromisoformat(complaint["day"]))
+
+    severity = int(complaint["severity"])
+    if event.status == "responded" and not complaint["responded"]:
+        due = SLA_FIRST_RESPONSE_HOURS[severity] * 60
+        bucket().add_complaint_duration("first_response", minutes, minutes > due)
+        complaint["responded"] = True
+    elif event.status in ("resolved", "closed") and not complaint["resolved"]:
+        # the first resolution counts; a reopened complaint keeps it
+        due = SLA_RESOLUTION_HOURS[severity] * 60
+        bucket().add_complaint_duration("resolution", minutes, minutes > due)
+        complaint["resolved"] = True
+    else:
+        return
+    _put(store, key, complaint, partition)
 
 
 class RollupProcessor:

@@ -195,3 +195,99 @@ def test_rollups_are_sums_of_dealers_and_replays_change_nothing() -> None:
     again = rollups.process(updates)  # a replayed update: absolute values, no change
     network_again = [s for s in again if s.scope == "network" and s.window == "day"]
     assert network_again[0].figures == network[0].figures
+
+
+def call(dealer: str, at: str, visit_id: str, outcome: str = "reached") -> dict[str, Any]:
+    return envelope(
+        "call", dealer, at[:10], visit_id=visit_id, outcome=outcome,
+        occurred_at=at, source="call_centre",
+    )  # fmt: skip
+
+
+def delivered_visit(dealer: str, day: str, visit_id: str, **body: Any) -> dict[str, Any]:
+    event = visit(dealer, day)
+    return {
+        **event, "visit_id": visit_id, "delivered_at": f"{day}T10:00:00Z",
+        "occurred_at": f"{day}T10:00:00Z", **body,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("call_first", [False, True])
+def test_follow_up_rate_does_not_depend_on_topic_order(call_first: bool) -> None:
+    # 2 visits on 10 Nov delivered 10:00; V1 reached 2 days later (followed up),
+    # V2 reached 4 days later (too late) → follow-up rate 1/2 = 50 %
+    processor = DealerProcessor(DictStore(), CATALOGUE, clock=lambda: NOW)
+    feed = Feed()
+    visits = [
+        feed(delivered_visit("D010", "2026-11-10", "V1")),
+        feed(delivered_visit("D010", "2026-11-10", "V2")),
+    ]
+    calls = [
+        feed(call("D010", "2026-11-12T09:00:00Z", "V1")),
+        feed(call("D010", "2026-11-14T11:00:00Z", "V2")),
+        feed(call("D010", "2026-11-11T09:00:00Z", "V2", outcome="no_answer")),
+    ]
+    first, second = (calls, visits) if call_first else (visits, calls)
+    processor.process(first)
+    out = processor.process(second)
+    result = by_window(out.snapshots, "day", date(2026, 11, 10))
+    assert result.follow_up_rate == 50.0
+    assert result.contact_rate is None  # the calls' own day is 11–14 Nov, not 10 Nov
+
+
+def test_comeback_within_30_days_breaks_fixed_first_time(processor: DealerProcessor) -> None:
+    feed = Feed()
+    processor.process(
+        [
+            feed(delivered_visit("D011", "2026-10-20", "V1")),
+            feed(delivered_visit("D011", "2026-10-20", "V2")),
+            feed(delivered_visit("D011", "2026-10-20", "V3")),
+            feed(delivered_visit("D011", "2026-10-20", "V4")),
+        ]
+    )
+    # V1 comes back after 15 days: 3 of 4 visits of 20 Oct fixed first time = 75 %
+    out = processor.process(
+        [
+            feed(
+                delivered_visit(
+                    "D011", "2026-11-04", "V5", comeback_of="V1",
+                    arrived_at="2026-11-04T09:00:00Z",
+                )
+            )
+        ]
+    )  # fmt: skip
+    assert by_window(out.snapshots, "day", date(2026, 10, 20)).fixed_first_time == 75.0
+    assert by_window(out.snapshots, "day", date(2026, 11, 4)).comeback_rate == 100.0
+
+
+def complaint(
+    dealer: str, at: str, complaint_id: str, status: str, severity: int
+) -> dict[str, Any]:
+    return envelope(
+        "complaint", dealer, at[:10], complaint_id=complaint_id, status=status,
+        category="waiting_time", severity=severity, occurred_at=at, source="dms",
+    )  # fmt: skip
+
+
+def test_complaint_response_and_resolution_times(processor: DealerProcessor) -> None:
+    feed = Feed()
+    # opened 10 Nov 08:00; C1 (severity 4, due 4 h / 48 h) responded after 2 h,
+    # resolved after 50 h (past due); C2 (severity 1, due 48 h / 360 h) responded
+    # after 30 h, closed without a separate "resolved" after 100 h.
+    events = [
+        complaint("D012", "2026-11-10T08:00:00Z", "C1", "opened", 4),
+        complaint("D012", "2026-11-10T08:00:00Z", "C2", "opened", 1),
+        complaint("D012", "2026-11-10T10:00:00Z", "C1", "responded", 4),
+        complaint("D012", "2026-11-11T14:00:00Z", "C2", "responded", 1),
+        complaint("D012", "2026-11-12T10:00:00Z", "C1", "resolved", 4),
+        complaint("D012", "2026-11-14T12:00:00Z", "C2", "closed", 1),
+    ]
+    out = processor.process([feed(e) for e in events])
+    result = by_window(out.snapshots, "day", date(2026, 11, 10))
+    assert result.complaints_opened == 2
+    # first responses 2 h and 30 h: nearest-rank p50 = 2 h, p90 = 30 h
+    assert (result.first_response_p50_h, result.first_response_p90_h) == (2.0, 30.0)
+    assert result.first_response_past_sla == 0.0
+    # resolutions 50 h (past the 48 h due) and 100 h (within 360 h): 1 of 2 past SLA
+    assert (result.resolution_p50_h, result.resolution_p90_h) == (50.0, 100.0)
+    assert result.resolution_past_sla == 50.0
