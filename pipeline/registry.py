@@ -186,17 +186,24 @@ def _read(path: str | os.PathLike[str], reader: _Reader) -> DealerRegistry:
                 path, line, f"only {len(cells)} fields, expected {len(names)} ({expected})"
             )
         dealer = Dealer(**{name: cells[i] for name, i in position.items()})
-        problem = _problem(dealer)
-        if problem is not None:
-            raise RegistryError(path, line, problem)
-        if dealer.dealer_id in first_line:
-            first = first_line[dealer.dealer_id]
-            raise RegistryError(
-                path, line, f"duplicate dealer_id {dealer.dealer_id!r} (first on line {first})"
-            )
-        first_line[dealer.dealer_id] = line
+        _check(dealer, line, first_line, path)
         dealers.append(dealer)
     return DealerRegistry(dealers)
+
+
+def _check(
+    dealer: Dealer, line: int, first_line: dict[str, int], path: str | os.PathLike[str]
+) -> None:
+    """One row's rules, for reading and writing alike; remembers its line."""
+    problem = _problem(dealer)
+    if problem is not None:
+        raise RegistryError(path, line, problem)
+    if dealer.dealer_id in first_line:
+        first = first_line[dealer.dealer_id]
+        raise RegistryError(
+            path, line, f"duplicate dealer_id {dealer.dealer_id!r} (first on line {first})"
+        )
+    first_line[dealer.dealer_id] = line
 
 
 def write_registry(dealers: Iterable[Dealer], path: str | os.PathLike[str]) -> int:
@@ -210,15 +217,7 @@ def write_registry(dealers: Iterable[Dealer], path: str | os.PathLike[str]) -> i
     rows: list[Dealer] = []
     first_line: dict[str, int] = {}
     for line, dealer in enumerate(dealers, start=2):
-        problem = _problem(dealer)
-        if problem is not None:
-            raise RegistryError(path, line, problem)
-        if dealer.dealer_id in first_line:
-            first = first_line[dealer.dealer_id]
-            raise RegistryError(
-                path, line, f"duplicate dealer_id {dealer.dealer_id!r} (first on line {first})"
-            )
-        first_line[dealer.dealer_id] = line
+        _check(dealer, line, first_line, path)
         rows.append(dealer)
     with open(path, "w", encoding="utf-8-sig", newline="") as fh:
         writer = csv.writer(fh)

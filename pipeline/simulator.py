@@ -247,16 +247,6 @@ _CALLBACK_NOTES: tuple[str, ...] = (
 
 # --- complaints ------------------------------------------------------------------
 
-_COMPLAINT_CATEGORIES: tuple[str, ...] = (
-    "waiting_time",
-    "price",
-    "repair_quality",
-    "attitude",
-    "promise_broken",
-    "parts",
-    "communication",
-    "other",
-)
 _SERVICE_CATEGORY_WEIGHTS: dict[str, float] = {
     "waiting_time": 0.15,
     "price": 0.15,
