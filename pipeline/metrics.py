@@ -309,6 +309,13 @@ class Bucket:
         self.add(f"{kind}_n")
         self.add(f"{kind}_past_due", past_due)
 
+    def add_loyalty(self, sales: str, service: str, high_return_intent: bool) -> None:
+        """One service response in the loyalty matrix: cell `sales|service`, where
+        sales is satisfied, dissatisfied or none (no sales survey of the customer)."""
+        cell = f"{sales}|{service}"
+        self.add(f"loyalty_n:{cell}")
+        self.add(f"loyalty_high:{cell}", high_return_intent)
+
     def by_suffix(self, prefix: str) -> dict[str, float]:
         """{suffix: value} of every statistic named `prefix:suffix`."""
         head = prefix + ":"
@@ -370,6 +377,8 @@ class Figures:
     resolution_p50_h: float | None
     resolution_p90_h: float | None
     resolution_past_sla: float | None
+    loyalty_matrix: dict[str, float]
+    loyalty_n: dict[str, int]
     mystery_shop_score: float | None
     mystery_shop_sections: dict[str, float]
     n_audits: int
@@ -393,6 +402,7 @@ def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
         d: servqual_sum.get(d, 0.0) / servqual_n[d] for d in RATER_DIMENSIONS if servqual_n.get(d)
     }  # a sum may net to 0 and be absent (Bucket.minus drops zeros)
     audit_total, audit_pass = bucket.by_suffix("audit_total_w"), bucket.by_suffix("audit_pass_w")
+    loyalty_n, loyalty_high = bucket.by_suffix("loyalty_n"), bucket.by_suffix("loyalty_high")
     return Figures(
         n_responses=int(b("responses")),
         n_surveys=int(b("surveys")),
@@ -434,6 +444,10 @@ def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
         complaints_per_100_visits=percent(b("complaints_opened"), b("visits")),
         recovery_success=percent(b("recovered"), b("recovery_n")),
         **complaint_durations(bucket),
+        loyalty_matrix={
+            cell: 100.0 * loyalty_high.get(cell, 0.0) / n for cell, n in loyalty_n.items() if n
+        },
+        loyalty_n={cell: int(n) for cell, n in loyalty_n.items() if n},
         mystery_shop_score=percent(sum(audit_pass.values()), sum(audit_total.values())),
         mystery_shop_sections={
             s: 100.0 * audit_pass.get(s, 0.0) / w for s, w in audit_total.items() if w

@@ -37,6 +37,8 @@ from pipeline.metrics import (
     Figures,
     affected_window_ends,
     figures,
+    is_satisfied,
+    is_top2,
     merged,
     window_days,
     window_start,
@@ -49,6 +51,7 @@ from schemas import (
     CallEvent,
     ComplaintEvent,
     InvalidEvent,
+    SurveyEvent,
     VisitEvent,
     event_to_json,
     parse_event,
@@ -525,6 +528,30 @@ def join_event(
             )
     elif isinstance(event, ComplaintEvent):
         _note_complaint(event, store, partition, day_bucket)
+    elif isinstance(event, SurveyEvent):
+        _note_loyalty(event, store, partition, day_bucket)
+
+
+def _note_loyalty(
+    survey: SurveyEvent,
+    store: StateStore,
+    partition: int,
+    day_bucket: Callable[[str, date], Bucket],
+) -> None:
+    """Loyalty matrix (seed 000): the customer's latest sales satisfaction ×
+    this service response's satisfaction → is the return intent high? Sales
+    and service surveys share a topic, so a dealer's arrive in order."""
+    if survey.overall is None:
+        return
+    key = f"customer|{survey.dealer_id}|{survey.customer_ref}"
+    satisfied = "satisfied" if is_satisfied(survey.overall, survey.scale) else "dissatisfied"
+    if survey.department == "sales":
+        _put(store, key, {"sales": satisfied}, partition)
+    elif survey.return_intent is not None:
+        customer = store.get(key)
+        sales = customer["sales"] if customer else "none"
+        high = is_top2(survey.return_intent, survey.scale)
+        day_bucket(survey.department, event_day(survey)).add_loyalty(sales, satisfied, high)
 
 
 def _note_comeback(

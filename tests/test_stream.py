@@ -291,3 +291,37 @@ def test_complaint_response_and_resolution_times(processor: DealerProcessor) -> 
     # resolutions 50 h (past the 48 h due) and 100 h (within 360 h): 1 of 2 past SLA
     assert (result.resolution_p50_h, result.resolution_p90_h) == (50.0, 100.0)
     assert result.resolution_past_sla == 50.0
+
+
+def test_loyalty_matrix_links_a_customers_sales_and_service_answers(
+    processor: DealerProcessor,
+) -> None:
+    feed = Feed()
+
+    def answer(customer: str, department: str, overall: int, intent: int | None) -> RawRecord:
+        event = survey("D013", "2026-11-10", {}, 9)
+        event.update(
+            customer_ref=customer, department=department, overall=overall, return_intent=intent
+        )
+        return feed(event)
+
+    out = processor.process(
+        [
+            answer("customerxx01", "sales", 9, None),  # X: satisfied with the sale
+            answer("customerxx01", "service", 9, 10),  # X: satisfied, intent top-2 → high
+            answer("customeryy02", "service", 4, 5),  # Y: no sales survey; (4−1)/9 < 0.5
+            answer("customerzz03", "service", 8, 8),  # Z: no sales survey; satisfied, not top-2
+        ]
+    )
+    service = [s for s in out.snapshots if s.department == "service"]
+    result = by_window(service, "day", date(2026, 11, 10))
+    assert result.loyalty_n == {
+        "satisfied|satisfied": 1,
+        "none|dissatisfied": 1,
+        "none|satisfied": 1,
+    }
+    assert result.loyalty_matrix == {
+        "satisfied|satisfied": 100.0,
+        "none|dissatisfied": 0.0,
+        "none|satisfied": 0.0,
+    }
