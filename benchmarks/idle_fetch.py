@@ -4,7 +4,8 @@ empty fetch for fetch.max.wait.ms, or answer at once?).
     .venv/bin/python benchmarks/idle_fetch.py [noida|tansu ...]
 
 Prints one line per broker: CPU seconds used by an idle aiokafka consumer over
-5 s, and the ratio to the quietest broker measured in the same run.
+5 s, and the ratio to the quietest figure measured in the same run; for noida
+also with the client-side hold the embedded worker uses (`hold_empty_fetches`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
 
-from pipeline.broker import BROKER_KINDS, BrokerKind, EmbeddedBroker, create_topics
+from pipeline.broker import (
+    BROKER_KINDS,
+    BrokerKind,
+    EmbeddedBroker,
+    create_topics,
+    hold_empty_fetches,
+)
+from pipeline.runner import EMBEDDED_FETCH_HOLD_MS
 
 IDLE_SECONDS = 5.0
 
@@ -50,6 +58,12 @@ def main(kinds: list[BrokerKind]) -> None:
         with EmbeddedBroker(kind, data_dir=Path(tempfile.mkdtemp(prefix=f"idle-{kind}-"))) as b:
             create_topics(b.bootstrap)
             figures[kind] = asyncio.run(idle_cpu(b.bootstrap))
+            if kind == "noida":
+                hold_empty_fetches(EMBEDDED_FETCH_HOLD_MS / 1000)
+                figures[f"{kind}+hold {EMBEDDED_FETCH_HOLD_MS} ms"] = asyncio.run(
+                    idle_cpu(b.bootstrap)
+                )
+                hold_empty_fetches(0)
     quietest = max(min(figures.values()), 1e-3)
     for name, cpu in figures.items():
         print(f"{name}: {cpu:.2f} CPU s over {IDLE_SECONDS:.0f} s idle ({cpu / quietest:.0f}x)")

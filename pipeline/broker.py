@@ -15,6 +15,7 @@ here relies on broker-side auto-creation.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import importlib.resources
@@ -574,3 +575,37 @@ __all__ = [
     "create_topics",
     "free_port",
 ]
+
+
+def hold_empty_fetches(hold_s: float) -> None:
+    """Make aiokafka wait `hold_s` after a fetch that brought no records.
+
+    noida-db answers an empty fetch at once instead of holding it for
+    `fetch.max.wait.ms` (docs/brokers.md: an idle consumer burns ~0.8 core,
+    and so does the broker), which starves a Faust worker's processing
+    thread. This does on the client what the broker should do. Only for the
+    embedded broker: Kafka and Redpanda wait themselves, so production leaves
+    it off (`CSI_FETCH_HOLD_MS=0`, the default).
+    """
+    from aiokafka.consumer.fetcher import Fetcher
+
+    original = getattr(Fetcher, "_csi_original_proc_fetch_request", None)
+    if original is None:
+        original = Fetcher._proc_fetch_request
+        Fetcher._csi_original_proc_fetch_request = original
+    if hold_s <= 0:
+        Fetcher._proc_fetch_request = original
+        return
+
+    async def proc_fetch_request(self: Any, assignment: Any, node_id: Any, request: Any) -> Any:
+        started = time.monotonic()
+        got_records = await original(self, assignment, node_id, request)
+        idle = hold_s - (time.monotonic() - started)
+        if not got_records and idle > 0:
+            # aiokafka cancels pending fetches on close and expects them to
+            # end quietly, as its own code does while the request is out
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(idle)
+        return got_records
+
+    Fetcher._proc_fetch_request = proc_fetch_request

@@ -41,4 +41,7 @@ class Settings:
     are 'unknown'."""
     lateness_days: int = field(default_factory=lambda: int(_env("CSI_LATENESS_DAYS", "35")))
     """How far behind its dealer's newest event an event may arrive and still count."""
+    fetch_hold_ms: int = field(default_factory=lambda: int(_env("CSI_FETCH_HOLD_MS", "0")))
+    """Client-side wait after an empty fetch, for brokers that do not hold one
+    (the embedded noida-db); 0 for Kafka/Redpanda, which wait themselves."""
     log_level: str = field(default_factory=lambda: _env("CSI_LOG_LEVEL", "warning"))

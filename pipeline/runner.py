@@ -31,6 +31,8 @@ from pipeline.registry import write_registry
 from pipeline.simulator import Drop, simulate, simulated_registry
 from pipeline.topics import DEAD_LETTERS, EVENT_TOPICS, METRICS, ROLLUPS
 
+EMBEDDED_FETCH_HOLD_MS = 200
+
 
 @dataclass
 class Progress:
@@ -165,6 +167,7 @@ def start_worker(settings: Settings, log: IO[bytes]) -> subprocess.Popen[bytes]:
         "CSI_DATA_DIR": str(settings.data_dir),
         "CSI_APP_ID": settings.app_id,
         "CSI_REGISTRY": str(settings.registry or ""),
+        "CSI_FETCH_HOLD_MS": str(settings.fetch_hold_ms),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "worker"],
@@ -218,6 +221,8 @@ def run_embedded(
             warehouse=f"chdb://{data_dir / 'warehouse'}",
             data_dir=data_dir,
             registry=registry_path,
+            # noida-db does not hold empty fetches (docs/brokers.md)
+            fetch_hold_ms=EMBEDDED_FETCH_HOLD_MS if broker_kind == "noida" else 0,
         )
         print(
             f"broker ({broker_kind}) on {broker.bootstrap}; warehouse {settings.warehouse}",

@@ -456,8 +456,10 @@ class DealerProcessor:
         )
 
 
-def _put(store: StateStore, key: str, value: dict[str, Any], partition: int) -> None:
-    store.put(key, value, partition)
+def _add_pending(store: StateStore, key: str, at: datetime, partition: int) -> None:
+    """Note the time of an event whose partner (a visit) has not arrived yet."""
+    pending = store.get(key) or {"at": []}
+    store.put(key, {"at": [*pending["at"], at.isoformat()]}, partition)
 
 
 def _within(later: datetime, earlier: datetime, days: int) -> bool:
@@ -471,9 +473,11 @@ def join_event(
     day_bucket: Callable[[str, date], Bucket],
 ) -> None:
     """Facts that need two events: a visit's follow-up call, its comeback,
-    a complaint's response and resolution times.
+    a complaint's response and resolution times, a customer's sales and
+    service answers (loyalty matrix).
 
-    Keyed by visit_id / complaint_id within the dealer (one partition). Calls
+    Keyed by visit_id / complaint_id / customer_ref within the dealer (one
+    partition). Calls
     and visits are on different topics, so either may come first: the one
     that finds no partner leaves a pending note the other one picks up, and
     the final figures do not depend on the order.
@@ -503,15 +507,15 @@ def join_event(
             ):
                 visit["came_back"] = True
                 day_bucket(event.department, event_day(event)).add_comeback_against()
-        _put(store, visit_key, visit, partition)
+        store.put(visit_key, visit, partition)
         if event.comeback_of is not None:
             _note_comeback(event, store, partition, day_bucket)
     elif isinstance(event, CallEvent) and event.outcome == "reached":
         called = store.get(f"visit|{dealer}|{event.visit_id}")
         if called is None:
-            key = f"pending_calls|{dealer}|{event.visit_id}"
-            pending = store.get(key) or {"at": []}
-            _put(store, key, {"at": [*pending["at"], event.occurred_at.isoformat()]}, partition)
+            _add_pending(
+                store, f"pending_calls|{dealer}|{event.visit_id}", event.occurred_at, partition
+            )
         elif (
             not called["followed_up"]
             and called["delivered_at"] is not None
@@ -520,8 +524,7 @@ def join_event(
             )
         ):
             day_bucket(called["department"], date.fromisoformat(called["day"])).add_follow_up()
-            _put(
-                store,
+            store.put(
                 f"visit|{dealer}|{event.visit_id}",
                 {**called, "followed_up": True},
                 partition,
@@ -546,7 +549,7 @@ def _note_loyalty(
     key = f"customer|{survey.dealer_id}|{survey.customer_ref}"
     satisfied = "satisfied" if is_satisfied(survey.overall, survey.scale) else "dissatisfied"
     if survey.department == "sales":
-        _put(store, key, {"sales": satisfied}, partition)
+        store.put(key, {"sales": satisfied}, partition)
     elif survey.return_intent is not None:
         customer = store.get(key)
         sales = customer["sales"] if customer else "none"
@@ -560,9 +563,8 @@ def _note_comeback(
     original_key = f"visit|{event.dealer_id}|{event.comeback_of}"
     original = store.get(original_key)
     if original is None:
-        key = f"pending_comebacks|{event.dealer_id}|{event.comeback_of}"
-        pending = store.get(key) or {"at": []}
-        _put(store, key, {"at": [*pending["at"], event.arrived_at.isoformat()]}, partition)
+        pending_key = f"pending_comebacks|{event.dealer_id}|{event.comeback_of}"
+        _add_pending(store, pending_key, event.arrived_at, partition)
     elif (
         not original["came_back"]
         and original["delivered_at"] is not None
@@ -573,7 +575,7 @@ def _note_comeback(
         day_bucket(
             original["department"], date.fromisoformat(original["day"])
         ).add_comeback_against()
-        _put(store, original_key, {**original, "came_back": True}, partition)
+        store.put(original_key, {**original, "came_back": True}, partition)
 
 
 def _note_complaint(
@@ -587,7 +589,7 @@ def _note_complaint(
     complaint = store.get(key)
     if event.status == "opened":
         if complaint is None:
-            _put(store, key, {
+            store.put(key, {
                 "day": event_day(event).isoformat(), "department": event.department,
                 "opened_at": event.occurred_at.isoformat(), "severity": event.severity,
                 "responded": False, "resolved": False,
@@ -613,7 +615,7 @@ def _note_complaint(
         complaint["resolved"] = True
     else:
         return
-    _put(store, key, complaint, partition)
+    store.put(key, complaint, partition)
 
 
 class RollupProcessor:

@@ -17,6 +17,7 @@ import faust
 import orjson
 from faust.types.tuples import ack_lock
 
+from pipeline.broker import hold_empty_fetches
 from pipeline.catalogue import Catalogue, load_catalogue
 from pipeline.config import Settings
 from pipeline.registry import load_registry
@@ -74,17 +75,24 @@ def unacked_head(committed: int | None, acked: list[int], processed: set[int]) -
 
     faust-streaming 0.15 can lose acks in a rebalance/recovery race (upstream
     issue #596): records are processed, but their acks never reach the
-    consumer's bookkeeping, so a gap sits between the committed offset and
-    the first acked one and the partition never commits again. Only offsets
-    this worker really processed are returned, so a gap left by a record
-    still in flight stays a gap: the commit never passes unprocessed data.
+    consumer's bookkeeping, so the partition never commits past them. The
+    lost acks sit right after the committed offset: before the first acked
+    offset, or, when nothing is acked (a lost tail), as far as this worker
+    processed. Only offsets this worker really processed are returned, and a
+    gap before acked offsets is filled only whole, so a record still in
+    flight stays a gap: the commit never passes unprocessed data.
     """
-    if committed is None or not acked:
+    if committed is None:
         return []
-    gap = range(committed, min(acked))
-    if len(gap) == 0 or not all(offset in processed for offset in gap):
-        return []
-    return list(gap)
+    first_acked = min(acked) if acked else None
+    run: list[int] = []
+    offset = committed
+    while offset in processed and (first_acked is None or offset < first_acked):
+        run.append(offset)
+        offset += 1
+    if first_acked is not None and offset < first_acked:
+        return []  # part of the gap was not processed here: leave it alone
+    return run
 
 
 class OffsetGuard:
@@ -136,8 +144,8 @@ class OffsetGuard:
         for tp, offsets in self.processed.items():
             committed = consumer._committed_offset.get(tp)
             with ack_lock:
-                acked = consumer._acked.get(tp)
-                missing = unacked_head(committed, acked or [], offsets)
+                acked = consumer._acked[tp]
+                missing = unacked_head(committed, acked, offsets)
                 if missing:
                     acked.extend(missing)
                     consumer._acked_index[tp].update(missing)
@@ -287,6 +295,7 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
 def run_worker(settings: Settings) -> None:
     """Open the warehouse, build the app and run the Faust worker until
     SIGINT/SIGTERM (Faust stops gracefully; the sinks flush last)."""
+    hold_empty_fetches(settings.fetch_hold_ms / 1000)
     catalogue = load_catalogue()
     warehouse = open_warehouse(settings.warehouse)
     create_schema(warehouse)

@@ -233,3 +233,37 @@ def test_start_again_after_the_broker_died_by_itself(broker_factory: BrokerFacto
     instance.start()
     assert instance.pid != pid
     create_topics(instance.bootstrap, [METRICS])
+
+
+@pytest.mark.integration
+def test_fetch_hold_still_delivers_and_closes_quietly(broker: EmbeddedBroker) -> None:
+    """With the client-side hold on (for noida, which answers empty fetches at
+    once), records still arrive and stopping the consumer raises nothing."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    from pipeline.broker import hold_empty_fetches
+
+    async def round_trip() -> bytes | None:
+        consumer = AIOKafkaConsumer(
+            "csi.metrics", bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
+            group_id="hold-probe",
+        )  # fmt: skip
+        await consumer.start()
+        try:
+            await consumer.getmany(timeout_ms=500)  # idle fetches: held
+            producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+            await producer.start()
+            await producer.send_and_wait("csi.metrics", b"held", key=b"D001")
+            await producer.stop()
+            for _ in range(20):
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    return bytes(records[0].value)
+            return None
+        finally:
+            await consumer.stop()  # cancels a held fetch: must end quietly
+
+    hold_empty_fetches(0.2)
+    try:
+        assert asyncio.run(round_trip()) == b"held"
+    finally:
+        hold_empty_fetches(0)

@@ -25,7 +25,7 @@ from pipeline.catalogue import load_catalogue
 from pipeline.metrics import WINDOWS
 from pipeline.producer import EventProducer
 from pipeline.registry import DealerRegistry, write_registry
-from pipeline.runner import ProgressReader
+from pipeline.runner import EMBEDDED_FETCH_HOLD_MS, ProgressReader
 from pipeline.simulator import simulate, simulated_registry
 from pipeline.topics import EVENT_TOPICS
 
@@ -87,6 +87,14 @@ def wait_until_consumed(
             if worker.poll() is not None:
                 break  # died: the caller shows its log
             time.sleep(0.5)
+        if progress.processed < expected or progress.rollups_behind:
+            ends = reader.offsets.end_offsets(reader.event_partitions + reader.rollup_partitions)
+            lag = {
+                f"{tp.topic}/{tp.partition}": (reader.committed.committed(tp), end)
+                for tp, end in ends.items()
+                if (reader.committed.committed(tp) or 0) < end
+            }
+            print(f"behind after {timeout_s:.0f} s, (committed, end) per partition: {lag}")
         return progress.processed
     finally:
         reader.close()
@@ -135,6 +143,7 @@ def test_events_in_figures_out(broker: Any, tmp_path: Path) -> None:
         **os.environ, "CSI_BOOTSTRAP": broker.bootstrap, "CSI_WAREHOUSE": warehouse,
         "CSI_DATA_DIR": str(tmp_path), "CSI_APP_ID": group,
         "CSI_REGISTRY": str(tmp_path / "dealers.csv"),
+        "CSI_FETCH_HOLD_MS": str(EMBEDDED_FETCH_HOLD_MS),  # as `csi run` does on noida
     }  # fmt: skip
     # Two worker runs over two halves of the stream: the worker keeps its
     # buckets in memory, so the second run must recover them from the

@@ -31,9 +31,11 @@ def test_refill_only_acks_of_processed_records() -> None:
     assert unacked_head(123, [126, 127], {123, 124, 125, 126, 127}) == [123, 124, 125]
     # 124 never processed: a gap that must stay (the commit may not pass it)
     assert unacked_head(123, [126, 127], {123, 125, 126, 127}) == []
-    # no gap, nothing acked, or nothing committed yet: nothing to do
+    # a lost tail: nothing acked, 121–132 processed → refill the processed run
+    assert unacked_head(121, [], {121, 122, 123, 125}) == [121, 122, 123]
+    # no gap, nothing processed past the commit, or nothing committed yet: nothing
     assert unacked_head(123, [123, 124], {123, 124}) == []
-    assert unacked_head(123, [], {123}) == []
+    assert unacked_head(123, [], {120, 122}) == []
     assert unacked_head(None, [5], {0, 1, 2, 3, 4, 5}) == []
 
 
