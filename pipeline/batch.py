@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date
+from functools import partial
 from typing import Any
 
 import orjson
 
 from pipeline.catalogue import Catalogue
-from pipeline.metrics import Bucket, Figures, figures, merged, window_days, window_start
+from pipeline.metrics import Bucket, Figures, figures, window_start
 from pipeline.registry import DealerRegistry
 from pipeline.stream import (
     DEFAULT_LATENESS_DAYS,
@@ -27,8 +28,10 @@ from pipeline.stream import (
     DictStore,
     RawRecord,
     RollupProcessor,
+    backlog_index_key,
     dealer_bucket_key,
     scope_bucket_key,
+    window_bucket,
 )
 from pipeline.topics import EVENT_TOPICS
 
@@ -107,15 +110,17 @@ def window_figures(
     window_end: date,
 ) -> Figures:
     """The figures of one unit and window, from the batch state."""
-    days = window_days(window, window_end)
     if scope == "dealer":
-        store, keys = state.dealers, [dealer_bucket_key(key, department, d) for d in days]
+        store, bucket_key = state.dealers, partial(dealer_bucket_key, key, department)
     else:
-        store, keys = state.rollups, [scope_bucket_key(scope, key, department, d) for d in days]
-    return figures(
-        merged(Bucket.from_dict(stored["stats"]) for k in keys if (stored := store.get(k))),
-        catalogue,
-    )
+        store, bucket_key = state.rollups, partial(scope_bucket_key, scope, key, department)
+
+    def bucket(day: date) -> Bucket:
+        stored = store.get(bucket_key(day))
+        return Bucket.from_dict(stored["stats"]) if stored else Bucket()
+
+    index_key = backlog_index_key(scope, key, department)
+    return figures(window_bucket(store, index_key, window, window_end, bucket), catalogue)
 
 
 def unit_keys(state: BatchState, scope: str) -> list[str]:

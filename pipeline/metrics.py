@@ -370,6 +370,7 @@ class Figures:
     fixed_first_time: float | None
     complaints_opened: int
     complaints_per_100_visits: float | None
+    complaints_backlog: int | None
     recovery_success: float | None
     first_response_p50_h: float | None
     first_response_p90_h: float | None
@@ -442,6 +443,11 @@ def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
         ),
         complaints_opened=int(b("complaints_opened")),
         complaints_per_100_visits=percent(b("complaints_opened"), b("visits")),
+        complaints_backlog=(
+            round(b("backlog_carried") + b("backlog_delta"))
+            if "backlog_carried" in bucket.stats or "backlog_delta" in bucket.stats
+            else None
+        ),
         recovery_success=percent(b("recovered"), b("recovery_n")),
         **complaint_durations(bucket),
         loyalty_matrix={

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
@@ -281,6 +281,23 @@ ROLLUP_SCOPES = ("region", "brand", "network")
 DEFAULT_LATENESS_DAYS = 35
 
 
+def window_bucket(
+    store: StateStore,
+    index_key: str,
+    window: str,
+    end: date,
+    bucket: Callable[[date], Bucket],
+) -> Bucket:
+    """The merged buckets of a window, plus the complaint backlog carried in
+    from before it (the backlog is cumulative, not a sum over the window)."""
+    days = window_days(window, end)
+    total = merged(bucket(d) for d in days)
+    carried = carried_backlog(store, index_key, days[0], bucket)
+    if carried is not None:
+        total.add("backlog_carried", carried)
+    return total
+
+
 class WindowReader:
     """Reads daily buckets from a store (once per batch) and builds snapshots."""
 
@@ -304,13 +321,25 @@ class WindowReader:
         bucket_key: Callable[[date], str],
         now: datetime,
         version: int,
+        backlog_days: Iterable[date] = (),
     ) -> list[Snapshot]:
-        """Every window of every kind that contains a changed day."""
+        """Every window of every kind that contains a changed day, and every
+        window ending on or after a day whose complaint backlog changed (the
+        backlog is cumulative: it carries into all later windows)."""
         out: list[Snapshot] = []
+        index_key = backlog_index_key(labels[0], labels[1], department)
+        carried_into = [
+            first + timedelta(days=i)
+            for first in ([min(backlog_days)] if backlog_days else [])
+            for i in range((latest - first).days + 1)
+        ]
         for window in WINDOWS:
             ends = {e for d in changed_days for e in affected_window_ends(window, d, latest)}
+            ends.update(carried_into)
             for end in sorted(ends):
-                total = merged(self.bucket(bucket_key(d)) for d in window_days(window, end))
+                total = window_bucket(
+                    self.store, index_key, window, end, lambda d: self.bucket(bucket_key(d))
+                )
                 out.append(
                     Snapshot(
                         *labels, department, window, window_start(window, end), end,
@@ -417,6 +446,7 @@ class DealerProcessor:
 
         version = time.time_ns()
         reader = WindowReader(self.store, self.catalogue)
+        index_cache: dict[str, list[str]] = {}
         for (dealer_id, department), days in changed.items():
             partition = partition_of[dealer_id]
             region, brand = self.labels(dealer_id)
@@ -424,6 +454,11 @@ class DealerProcessor:
                 key = dealer_bucket_key(dealer_id, department, day)
                 self.store.put(key, stored[key].to_dict(), partition)
                 reader.cache[key] = stored[key].bucket
+                if "backlog_delta" in stored[key].bucket.stats:
+                    note_backlog_day(
+                        self.store, backlog_index_key("dealer", dealer_id, department), day,
+                        partition, index_cache,
+                    )  # fmt: skip
                 for scope, scope_key in zip(ROLLUP_SCOPES, (region, brand, "network"), strict=True):
                     out.rollups.append(
                         RollupUpdate(
@@ -434,10 +469,14 @@ class DealerProcessor:
             if self.emit_snapshots:
                 newest = latest[latest_key("dealer", dealer_id)]
                 assert newest is not None  # a changed dealer has an event
+                unit_key = partial(dealer_bucket_key, dealer_id, department)
+                backlog_days = [
+                    d for d in days if "backlog_delta" in stored[unit_key(d)].bucket.stats
+                ]
                 out.snapshots += reader.snapshots(
                     ("dealer", dealer_id, region, brand), department, days, newest,
                     partial(dealer_bucket_key, dealer_id, department),
-                    now, version,
+                    now, version, backlog_days,
                 )  # fmt: skip
         for key, newest_day in latest.items():
             dealer_id = key.rsplit("|", 1)[1]
@@ -584,38 +623,86 @@ def _note_complaint(
     partition: int,
     day_bucket: Callable[[str, date], Bucket],
 ) -> None:
-    """Complaint events share one topic, so a dealer's arrive in order."""
+    """Complaint events share one topic, so a dealer's arrive in order.
+
+    Besides response and resolution times (on the day the complaint was
+    opened), each change of the open backlog is counted on the day it
+    happens: +1 opened or reopened, −1 closed (only for a complaint known to
+    be open), so the backlog at any date is the sum of all days up to it."""
     key = f"complaint|{event.dealer_id}|{event.complaint_id}"
     complaint = store.get(key)
-    if event.status == "opened":
-        if complaint is None:
-            store.put(key, {
-                "day": event_day(event).isoformat(), "department": event.department,
-                "opened_at": event.occurred_at.isoformat(), "severity": event.severity,
-                "responded": False, "resolved": False,
-            }, partition)  # fmt: skip
-        return
+    today = event_day(event)
     if complaint is None:
-        return  # its opening is not known: no duration to measure
+        if event.status == "opened":
+            store.put(key, {
+                "day": today.isoformat(), "department": event.department,
+                "opened_at": event.occurred_at.isoformat(), "severity": event.severity,
+                "responded": False, "resolved": False, "open": True,
+            }, partition)  # fmt: skip
+            day_bucket(event.department, today).add("backlog_delta", 1)
+        return  # a change of a complaint whose opening is unknown: nothing to measure
+    department = complaint["department"]
     opened = datetime.fromisoformat(complaint["opened_at"])
     minutes = max(int((event.occurred_at - opened).total_seconds() // 60), 0)
 
-    def bucket() -> Bucket:  # the bucket of the day the complaint was opened
-        return day_bucket(complaint["department"], date.fromisoformat(complaint["day"]))
+    def opening_day() -> Bucket:  # durations belong to the day it was opened
+        return day_bucket(department, date.fromisoformat(complaint["day"]))
 
     severity = int(complaint["severity"])
+    before = dict(complaint)
     if event.status == "responded" and not complaint["responded"]:
         due = SLA_FIRST_RESPONSE_HOURS[severity] * 60
-        bucket().add_complaint_duration("first_response", minutes, minutes > due)
+        opening_day().add_complaint_duration("first_response", minutes, minutes > due)
         complaint["responded"] = True
-    elif event.status in ("resolved", "closed") and not complaint["resolved"]:
+    if event.status in ("resolved", "closed") and not complaint["resolved"]:
         # the first resolution counts; a reopened complaint keeps it
         due = SLA_RESOLUTION_HOURS[severity] * 60
-        bucket().add_complaint_duration("resolution", minutes, minutes > due)
+        opening_day().add_complaint_duration("resolution", minutes, minutes > due)
         complaint["resolved"] = True
-    else:
-        return
-    store.put(key, complaint, partition)
+    if event.status == "closed" and complaint.get("open", True):
+        complaint["open"] = False
+        day_bucket(department, today).add("backlog_delta", -1)
+    elif event.status == "reopened" and not complaint.get("open", True):
+        complaint["open"] = True
+        day_bucket(department, today).add("backlog_delta", 1)
+    if complaint != before:
+        store.put(key, complaint, partition)
+
+
+def backlog_index_key(scope: str, key: str, department: str) -> str:
+    """The days on which a unit's open complaint backlog changed."""
+    return f"backlog_days|{scope}|{key}|{department}"
+
+
+def note_backlog_day(
+    store: StateStore, index_key: str, day: date, partition: int, cache: dict[str, list[str]]
+) -> None:
+    if index_key not in cache:
+        stored = store.get(index_key)
+        cache[index_key] = list(stored["days"]) if stored else []
+    days = cache[index_key]
+    if day.isoformat() not in days:
+        days.append(day.isoformat())
+        days.sort()
+        store.put(index_key, {"days": list(days)}, partition)
+
+
+def carried_backlog(
+    store: StateStore,
+    index_key: str,
+    before: date,
+    bucket: Callable[[date], Bucket],
+) -> float | None:
+    """The open backlog at the start of `before`: all changes on earlier days.
+    None when the unit had no complaint change before that day, so a window
+    from before a unit's first complaint reads None in any processing order."""
+    stored = store.get(index_key)
+    earlier = (
+        [date.fromisoformat(d) for d in stored["days"] if d < before.isoformat()] if stored else []
+    )
+    if not earlier:
+        return None
+    return sum(bucket(d).get("backlog_delta") for d in earlier)
 
 
 class RollupProcessor:
@@ -638,7 +725,9 @@ class RollupProcessor:
         """`updates`: (source partition, update) in arrival order."""
         now = self.clock()
         reader = WindowReader(self.store, self.catalogue)
+        index_cache: dict[str, list[str]] = {}
         changed: dict[tuple[str, str, str], set[date]] = {}
+        backlog_changed: dict[tuple[str, str, str], set[date]] = {}
         partition_of: dict[tuple[str, str], int] = {}
         for partition, update in updates:
             member_key = (
@@ -653,6 +742,14 @@ class RollupProcessor:
             total.merge(new.minus(Bucket.from_dict(old["stats"]) if old else Bucket()))
             self.store.put(member_key, {"stats": new.to_dict()}, partition)
             self.store.put(total_key, {"stats": total.to_dict()}, partition)
+            if "backlog_delta" in new.stats or (old and "backlog_delta" in old["stats"]):
+                backlog_changed.setdefault(
+                    (update.scope, update.key, update.department), set()
+                ).add(update.day)
+                note_backlog_day(
+                    self.store, backlog_index_key(update.scope, update.key, update.department),
+                    update.day, partition, index_cache,
+                )  # fmt: skip
             changed.setdefault((update.scope, update.key, update.department), set()).add(update.day)
             partition_of[(update.scope, update.key)] = partition
 
@@ -677,6 +774,6 @@ class RollupProcessor:
             snapshots += reader.snapshots(
                 labels, department, days, latest[(scope, key)],
                 partial(scope_bucket_key, scope, key, department),
-                now, version,
+                now, version, backlog_changed.get((scope, key, department), ()),
             )  # fmt: skip
         return snapshots
