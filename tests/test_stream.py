@@ -385,7 +385,7 @@ def test_final_snapshots_do_not_depend_on_how_topics_interleave() -> None:
         for name, want in asdict(expected).items():
             got = getattr(snap.figures, name)
             where = f"{scope} {key} {department} {window} {end} {name}"
-            if isinstance(want, float) or isinstance(want, dict):
+            if isinstance(want, float | dict):
                 assert got == pytest.approx(want, abs=1e-9), where
             else:
                 assert got == want, where
