@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_QUESTIONNAIRE = Path(__file__).resolve().parent.parent / "schemas" / "questionnaire.toml"
+DEFAULT_ACSI_WEIGHTS = {"overall": 1 / 3, "disconfirmation": 1 / 3, "ideal": 1 / 3}
 RATER_DIMENSIONS = ("reliability", "assurance", "tangibles", "empathy", "responsiveness")
 
 
@@ -24,6 +25,8 @@ class Catalogue:
     factor_weights: dict[str, float]
     attribute_factor: dict[str, str]
     attribute_dimension: dict[str, str]
+    acsi_weights: dict[str, float]
+    """Weights of the ACSI-style index's items: overall, disconfirmation, ideal."""
 
     @property
     def factors(self) -> tuple[str, ...]:
@@ -63,7 +66,12 @@ def catalogue_from_dict(data: dict[str, Any], origin: str = "<dict>") -> Catalog
     empty = [f for f in factors if f not in attribute_factor.values()]
     if empty:
         raise CatalogueError(f"{origin}: factors without attributes: {empty}")
-    return Catalogue(version, factors, attribute_factor, attribute_dimension)
+    acsi = {str(k): float(v) for k, v in data.get("acsi", DEFAULT_ACSI_WEIGHTS).items()}
+    if set(acsi) != set(DEFAULT_ACSI_WEIGHTS) or abs(sum(acsi.values()) - 1.0) > 1e-9:
+        raise CatalogueError(
+            f"{origin}: [acsi] needs weights for {sorted(DEFAULT_ACSI_WEIGHTS)} summing to 1"
+        )
+    return Catalogue(version, factors, attribute_factor, attribute_dimension, acsi)
 
 
 @cache

@@ -16,6 +16,8 @@ Conventions (DOMAIN.md, issue 3):
   CSAT top-2-box: `overall` in the two highest points;
 - satisfaction degree = Σ w_f·mean(100·(x−lo)/(hi−lo))_f / Σ w_f; since
   100·(x−lo)/(hi−lo) = 100·(x10−1)/9 it follows from the factor sums;
+- ACSI-style index = 100/9 · Σ w_i·(mean_i − 1) over overall satisfaction,
+  expectation disconfirmation and comparison to ideal on 1–10 (weights sum to 1);
 - CSM: each catalogue rating mapped to −90 + 180·(x−lo)/(hi−lo) = −90 + 20·(x10−1),
   averaged over all of them;
 - CSS ratio per response = perception / expectation; exceeded above 1 + ε,
@@ -237,6 +239,15 @@ class Bucket:
 
     def _add_survey_extras(self, survey: SurveyEvent, catalogue: Catalogue) -> None:
         lo, hi = survey.scale.min, survey.scale.max
+        acsi_items = (
+            ("overall", survey.overall),  # surveys only: one population for all three items
+            ("disconfirmation", survey.disconfirmation),
+            ("ideal", survey.ideal),
+        )
+        for item, answer in acsi_items:
+            if answer is not None:
+                self.add(f"acsi_n:{item}")
+                self.add(f"acsi_sum:{item}", rescale_to_10(answer, lo, hi))
         if survey.recommend is not None:
             self.add("nps_n")
             category = nps_category(survey.recommend)
@@ -351,6 +362,7 @@ class Figures:
     satisfaction_rate: float | None
     satisfaction_degree: float | None
     overall_n: int
+    acsi: float | None
     csm: float | None
     css_ratio: float | None
     css_exceeded: float | None
@@ -418,6 +430,7 @@ def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
         satisfaction_rate=percent(b("overall_satisfied"), b("overall_n")),
         satisfaction_degree=csi(degrees, catalogue.factor_weights),
         overall_n=int(b("overall_n")),
+        acsi=acsi_index(bucket, catalogue),
         csm=(
             csm_from_x10(sum(factor_sum.get(f, 0.0) for f in catalogue.factors) / rated)
             if rated
@@ -461,6 +474,16 @@ def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
         n_audits=int(b("audits")),
         weights_version=catalogue.version,
     )
+
+
+def acsi_index(bucket: Bucket, catalogue: Catalogue) -> float | None:
+    """ACSI-style index (0–100): 100/9 · Σ w_i·(mean_i − 1) over overall
+    satisfaction, expectation disconfirmation and comparison to the ideal,
+    each on 1–10; None unless all three items have answers."""
+    n, total = bucket.by_suffix("acsi_n"), bucket.by_suffix("acsi_sum")
+    if not all(n.get(item) for item in catalogue.acsi_weights):
+        return None
+    return 100.0 / 9.0 * sum(w * (total[i] / n[i] - 1.0) for i, w in catalogue.acsi_weights.items())
 
 
 def complaint_durations(bucket: Bucket) -> dict[str, float | None]:

@@ -1246,6 +1246,8 @@ class _Simulation:
         expectation: int | None = None
         perception: int | None = None
         expectations: dict[str, int] = {}  # the schema's "not asked", not null
+        disconfirmation: int | None = None
+        ideal: int | None = None
         if long_form:
             # Expectations are formed before the visit: a drop does not move them.
             expectation = _to_scale(8.6 + rng.gauss(0.0, 0.9), high)
@@ -1256,6 +1258,11 @@ class _Simulation:
                 )
                 for code in ratings
             }
+            # The ACSI items follow from what was drawn (no extra draws, so a
+            # seed's other output is unchanged): met expectations sit mid-scale.
+            gap10 = 9 * (perception - expectation) / (high - 1)
+            disconfirmation = _to_scale(5.5 + 2.0 * gap10, high)
+            ideal = _to_scale(overall_latent - 0.7, high)
 
         overall = _to_scale(overall_latent, high)
         has_comment, comment_draw = rng.random() < 0.3, rng.random()
@@ -1278,6 +1285,8 @@ class _Simulation:
             overall=overall,
             expectation=expectation,
             perception=perception,
+            disconfirmation=disconfirmation,
+            ideal=ideal,
             expectations=expectations,
             recommend=max(0, min(10, math.floor(recommend_latent + 0.5))),
             return_intent=_to_scale(return_latent, high),

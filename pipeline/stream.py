@@ -450,7 +450,7 @@ class DealerProcessor:
         for (dealer_id, department), days in changed.items():
             partition = partition_of[dealer_id]
             region, brand = self.labels(dealer_id)
-            for day in days:  # one state write per changed bucket
+            for day in sorted(days):  # one write per changed bucket; roll-ups in day order
                 key = dealer_bucket_key(dealer_id, department, day)
                 self.store.put(key, stored[key].to_dict(), partition)
                 reader.cache[key] = stored[key].bucket

@@ -65,7 +65,7 @@ EVENTS_SCHEMA: tuple[tuple[str, str], ...] = (
 _FIGURE_TYPES = {
     "int": "UInt32",
     "float | None": "Nullable(Float64)",
-    "int | None": "Nullable(UInt32)",
+    "int | None": "Nullable(Int32)",  # a roll-up may pass through a negative backlog
     "dict[str, float]": "Map(String, Float64)",
     "dict[str, int]": "Map(String, UInt32)",
     "str": "LowCardinality(String)",

@@ -10,7 +10,7 @@ changelog is written to the partition the dealer's events come from.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import faust
@@ -70,43 +70,33 @@ class TableStore:
             self.table.write_partition = None
 
 
-def unacked_head(committed: int | None, acked: list[int], processed: set[int]) -> list[int]:
-    """Offsets to mark acked so Faust's commit can move again (or none).
+def next_commit(committed: int | None, acked: Iterable[int], processed: set[int]) -> int | None:
+    """The offset to commit for a partition, or None to leave it.
 
-    faust-streaming 0.15 can lose acks in a rebalance/recovery race (upstream
-    issue #596): records are processed, but their acks never reach the
-    consumer's bookkeeping, so the partition never commits past them. The
-    lost acks sit right after the committed offset: before the first acked
-    offset, or, when nothing is acked (a lost tail), as far as this worker
-    processed. Only offsets this worker really processed are returned, and a
-    gap before acked offsets is filled only whole, so a record still in
-    flight stays a gap: the commit never passes unprocessed data.
+    From the committed offset, step over every offset that Faust acked or
+    this worker processed, and stop at the first that is neither: a record
+    that never reached the agent holds the commit until it is re-read.
     """
-    if committed is None:
-        return []
-    first_acked = min(acked) if acked else None
-    run: list[int] = []
-    offset = committed
-    while offset in processed and (first_acked is None or offset < first_acked):
-        run.append(offset)
+    done = processed.union(acked)
+    if not done:
+        return None
+    offset = committed if committed is not None else min(done)
+    while offset in done:
         offset += 1
-    if first_acked is not None and offset < first_acked:
-        return []  # part of the gap was not processed here: leave it alone
-    return run
+    return offset if committed is None or offset > committed else None
 
 
 class OffsetGuard:
-    """The worker's own at-least-once check on top of Faust's consumer.
+    """The worker's own at-least-once bookkeeping on top of Faust's consumer.
 
-    faust-streaming 0.15 can, rarely, skip a record (it never reaches the
-    agent, and the commit then steps over the one-offset gap, upstream issues
-    #596/#606), and can lose acks so that a partition never commits again.
-    The guard tracks, per partition, the next offset it expects: when a
-    batch jumps past it, the missing records are re-read once by seeking
-    back (re-reads of counted events are dropped by event-id dedup). On a
-    timer it also refills lost acks of records it did process (`unacked_head`).
-    Input topics have no transaction markers, so a gap is never legitimate;
-    each gap is re-read only once all the same.
+    faust-streaming 0.15 loses acks in rebalance/recovery races (upstream
+    #596), after which a partition never commits again, and can skip a
+    record, after which its commit steps over the gap (#606). So the guard
+    decides what to commit (`next_commit`, installed as the consumer's
+    `_new_offset`) from the offsets the agents really processed, and when a
+    batch jumps past the next expected offset of a partition it seeks back
+    once to re-read the gap (re-reads are dropped by event-id dedup). Input
+    topics carry no transaction markers, so a gap is never legitimate.
     """
 
     def __init__(self) -> None:
@@ -114,7 +104,6 @@ class OffsetGuard:
         self.expected: dict[Any, int] = {}
         self.reread: set[tuple[Any, int]] = set()
         self.skips_found = 0
-        self.acks_refilled = 0
 
     def record(self, events: Sequence[Any], committed: Callable[[Any], int | None]) -> list[Any]:
         """Note a processed batch; return [(tp, offset)] to seek back to."""
@@ -140,19 +129,28 @@ class OffsetGuard:
         """After a rebalance Faust restarts from the committed offsets."""
         self.expected.clear()
 
-    def repair_acks(self, consumer: Any) -> None:
-        for tp, offsets in self.processed.items():
-            committed = consumer._committed_offset.get(tp)
+    def install(self, consumer: Any) -> None:
+        """Make the consumer ask the guard which offset to commit."""
+
+        def new_offset(tp: Any) -> int | None:
             with ack_lock:
                 acked = consumer._acked[tp]
-                missing = unacked_head(committed, acked, offsets)
-                if missing:
-                    acked.extend(missing)
-                    consumer._acked_index[tp].update(missing)
-                    self.acks_refilled += len(missing)
-                    log.warning("refilled %d lost acks on %s (faust #596)", len(missing), tp)
-            if committed is not None:  # what is committed needs no memory
-                offsets.difference_update([o for o in offsets if o < committed])
+                processed = self.processed.setdefault(tp, set())
+                offset = next_commit(consumer._committed_offset.get(tp), acked, processed)
+                if offset is not None:  # forget what the commit covers
+                    acked[:] = [o for o in acked if o >= offset]
+                    consumer._acked_index[tp] = {
+                        o for o in consumer._acked_index[tp] if o >= offset
+                    }
+                    processed.difference_update([o for o in processed if o < offset])
+                return offset
+
+        consumer._new_offset = new_offset
+
+    def touch(self, consumer: Any) -> None:
+        """Faust commits only partitions it has acks for: list ours too."""
+        for tp in self.processed:
+            consumer._acked[tp]  # a defaultdict: creates the entry
 
 
 def faust_broker_urls(bootstrap: str) -> list[str]:
@@ -191,6 +189,7 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
     )
     rollup_processor = RollupProcessor(TableStore(rollup_buckets), catalogue)
     guard = OffsetGuard()
+    guard.install(app.consumer)
     log_level = logging.getLevelName(settings.log_level.upper())
     log_level = log_level if isinstance(log_level, int) else logging.WARNING
 
@@ -275,9 +274,9 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
         for name in ("aiokafka", "kafka"):
             logging.getLogger(name).setLevel(max(logging.INFO, log_level))
 
-    @app.timer(interval=2.0)  # type: ignore[untyped-decorator]
-    async def repair_acks() -> None:
-        guard.repair_acks(app.consumer)
+    @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
+    async def list_partitions_to_commit() -> None:
+        guard.touch(app.consumer)
 
     @app.timer(interval=min(settings.sink_max_age_s, 1.0) / 2)  # type: ignore[untyped-decorator]
     async def flush_sinks() -> None:

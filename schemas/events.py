@@ -340,6 +340,10 @@ class SurveyEvent(Envelope):
     expectation: Rating | None = None
     perception: Rating | None = None
     return_intent: Rating | None = None
+    disconfirmation: Rating | None = None
+    """ACSI item: how far the service fell short of (low) or exceeded (high) expectations."""
+    ideal: Rating | None = None
+    """ACSI item: how close the service came to the ideal one."""
     expectations: dict[AttributeCode, Rating] = Field(
         default_factory=dict, max_length=MAX_RATED_ATTRIBUTES
     )
@@ -370,6 +374,8 @@ class SurveyEvent(Envelope):
             "expectation": self.expectation,
             "perception": self.perception,
             "return_intent": self.return_intent,
+            "disconfirmation": self.disconfirmation,
+            "ideal": self.ideal,
         }
         answers += [((name,), value) for name, value in single_answers.items() if value is not None]
         answers += [(("expectations", code), value) for code, value in self.expectations.items()]

@@ -774,3 +774,37 @@ def test_bucket_dict_round_trip(days: list[Bucket]) -> None:
     assert Bucket.from_dict(bucket.to_dict()) == bucket
     # through JSON, as a state store would keep it
     assert Bucket.from_dict(orjson.loads(orjson.dumps(bucket.to_dict()))) == bucket
+
+
+def test_acsi_style_index_by_hand() -> None:
+    # 1–10 surveys: overall 8 and 10 → mean 9; disconfirmation 6 and 8 → 7;
+    # ideal 7 and 9 → 8. Equal weights: 100/9 · (⅓·8 + ⅓·6 + ⅓·7) = 100/9 · 7
+    result = figures_of(
+        survey(overall=8, disconfirmation=6, ideal=7),
+        survey(overall=10, disconfirmation=8, ideal=9),
+    )
+    assert result.acsi == pytest.approx(700 / 9, abs=1e-9)
+    # on 1–5: overall 4 → x10 7.75, disconfirmation 3 → 5.5, ideal 5 → 10:
+    # 100/9 · ⅓ · (6.75 + 4.5 + 9) = 100/9 · 6.75
+    small = figures_of(survey(scale={"min": 1, "max": 5}, overall=4, disconfirmation=3, ideal=5))
+    assert small.acsi == pytest.approx(675 / 9, abs=1e-9)
+    # an item without answers: no index (the three together define it)
+    assert figures_of(survey(overall=8, disconfirmation=6)).acsi is None
+
+
+def test_acsi_weights_must_cover_the_three_items_and_sum_to_one() -> None:
+    base = {
+        "version": "x",
+        "factors": {"a": 1},
+        "attributes": {"q": {"factor": "a", "dimension": "reliability"}},
+    }
+    catalogue = catalogue_from_dict(
+        {**base, "acsi": {"overall": 0.5, "disconfirmation": 0.25, "ideal": 0.25}}
+    )
+    assert catalogue.acsi_weights["overall"] == 0.5
+    with pytest.raises(CatalogueError, match="summing to 1"):
+        catalogue_from_dict({**base, "acsi": {"overall": 0.5, "ideal": 0.5}})
+    with pytest.raises(CatalogueError, match="summing to 1"):
+        catalogue_from_dict(
+            {**base, "acsi": {"overall": 0.5, "disconfirmation": 0.5, "ideal": 0.5}}
+        )

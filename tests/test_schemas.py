@@ -199,6 +199,16 @@ def test_valid_survey_on_1_to_5_scale() -> None:
     assert event.recommend == 0
 
 
+def test_acsi_items_lie_on_the_survey_scale() -> None:
+    payload = survey_payload() | {"disconfirmation": 6, "ideal": 7}
+    event = parse_event(raw(payload), now=NOW)
+    assert isinstance(event, SurveyEvent)
+    assert (event.disconfirmation, event.ideal) == (6.0, 7.0)
+    reason = reason_for(payload | {"disconfirmation": 11, "ideal": 0})
+    assert "disconfirmation: must be within the survey scale 1–10 (got 11)" in reason
+    assert "ideal: must be within the survey scale 1–10 (got 0)" in reason
+
+
 def test_survey_defaults_to_1_to_10_scale_and_may_have_only_overall() -> None:
     payload = survey_payload() | {"ratings": {}, "recommend": None, "overall": 10}
     del payload["visit_id"]

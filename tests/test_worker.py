@@ -4,9 +4,10 @@ refilled, and which skipped offsets must be re-read."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
-from pipeline.worker import OffsetGuard, unacked_head
+from pipeline.worker import OffsetGuard, next_commit
 
 
 @dataclass(frozen=True)
@@ -26,17 +27,19 @@ def batch(tp: str, *offsets: int) -> list[Event]:
     return [Event(Message(tp, o)) for o in offsets]
 
 
-def test_refill_only_acks_of_processed_records() -> None:
-    # committed 123 (next to read), acked from 126: 123–125 were processed → refill
-    assert unacked_head(123, [126, 127], {123, 124, 125, 126, 127}) == [123, 124, 125]
-    # 124 never processed: a gap that must stay (the commit may not pass it)
-    assert unacked_head(123, [126, 127], {123, 125, 126, 127}) == []
-    # a lost tail: nothing acked, 121–132 processed → refill the processed run
-    assert unacked_head(121, [], {121, 122, 123, 125}) == [121, 122, 123]
-    # no gap, nothing processed past the commit, or nothing committed yet: nothing
-    assert unacked_head(123, [123, 124], {123, 124}) == []
-    assert unacked_head(123, [], {120, 122}) == []
-    assert unacked_head(None, [5], {0, 1, 2, 3, 4, 5}) == []
+def test_next_commit_steps_over_acked_or_processed_offsets() -> None:
+    # committed 123; Faust acked 126–127 only (its acks of 123–125 got lost),
+    # but this worker processed 123–127: commit 128
+    assert next_commit(123, [126, 127], {123, 124, 125, 126, 127}) == 128
+    # 124 neither acked nor processed (never reached the agent): stop there
+    assert next_commit(123, [126, 127], {123, 125, 126, 127}) == 124
+    # a lost tail: nothing acked, 121–123 processed
+    assert next_commit(121, [], {121, 122, 123, 125}) == 124
+    # nothing new past the commit: nothing to commit
+    assert next_commit(123, [], {120, 122}) is None
+    assert next_commit(123, [], set()) is None
+    # never committed yet: from the lowest offset done
+    assert next_commit(None, [0, 1], {2, 4}) == 3
 
 
 def test_guard_re_reads_a_skipped_offset_once() -> None:
@@ -63,3 +66,25 @@ def test_guard_starts_from_the_committed_offset_and_forgets_on_rebalance() -> No
     guard.forget_assignment()
     # after a rebalance the partition restarts wherever it was committed
     assert guard.record(batch("survey-0", 40), lambda tp: 40) == []
+
+
+@dataclass
+class AckBook:
+    """The three bookkeeping maps of Faust's consumer the repair touches
+    (plain data, the shape `faust.transport.consumer.Consumer` keeps)."""
+
+    _committed_offset: dict[str, int]
+    _acked: defaultdict[str, list[int]]
+    _acked_index: defaultdict[str, set[int]]
+
+
+def test_installed_guard_decides_the_commit_and_forgets_what_it_covers() -> None:
+    guard = OffsetGuard()
+    book = AckBook({"call-0": 10}, defaultdict(list), defaultdict(set))
+    guard.install(book)
+    guard.record(batch("call-0", 10, 11, 12), lambda tp: 10)
+    book._acked["call-0"].extend([12, 13])  # Faust acked 12 and 13, lost 10 and 11
+    book._acked_index["call-0"].update([12, 13])
+    assert book._new_offset("call-0") == 14  # type: ignore[attr-defined]
+    assert book._acked["call-0"] == [] and book._acked_index["call-0"] == set()
+    assert guard.processed["call-0"] == set()
