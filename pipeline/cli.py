@@ -35,12 +35,13 @@ def _warehouse_url(args: argparse.Namespace) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.broker import broker_kind_from_env
     from pipeline.runner import run_embedded
     from pipeline.simulator import parse_drop
 
     return run_embedded(
         data_dir=Path(args.data_dir),
-        broker_kind=args.broker_kind,
+        broker_kind=args.broker_kind or broker_kind_from_env(),
         dealers=args.dealers,
         days=args.days,
         rate=args.rate or None,
@@ -147,9 +148,10 @@ def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from pipeline.broker import EmbeddedBroker, create_topics
+    from pipeline.broker import EmbeddedBroker, broker_kind_from_env, create_topics
 
     data_dir = Path(args.data_dir)
+    args.broker_kind = args.broker_kind or broker_kind_from_env()
     broker = EmbeddedBroker(
         args.broker_kind, data_dir=data_dir / f"broker-{args.broker_kind}", port=args.port
     )
@@ -174,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the main job on embedded parts (broker, chdb, worker)")
     run.add_argument("--data-dir", default=".csi", help="where state lives (default ./.csi)")
-    run.add_argument("--broker-kind", choices=("noida", "tansu"), default="noida")
+    run.add_argument(
+        "--broker-kind", choices=("noida", "tansu"), help="default: $CSI_BROKER_KIND or noida"
+    )
     run.add_argument("--rate", type=float, default=2000.0, help="events/s to produce (0: flat out)")
     run.add_argument("--duration", type=float, default=None, help="seconds, then stop")
     _add_simulation_args(run)
@@ -220,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     broker = sub.add_parser("broker", help="run only the embedded broker, with the topics")
     broker.add_argument("--data-dir", default=".csi")
-    broker.add_argument("--broker-kind", choices=("noida", "tansu"), default="noida")
+    broker.add_argument(
+        "--broker-kind", choices=("noida", "tansu"), help="default: $CSI_BROKER_KIND or noida"
+    )
     broker.add_argument("--port", type=int, default=None)
     broker.set_defaults(func=cmd_broker)
     return parser

@@ -272,7 +272,7 @@ def run_embedded(
     print(
         f"stopped. Inspect the figures with: csi query --data-dir {data_dir} "
         '"SELECT key, window_end, round(csi) AS csi, n_responses FROM csi.metric_snapshots FINAL '
-        "WHERE window = '30d' ORDER BY window_end DESC, csi LIMIT 10\"",
+        "WHERE scope = 'dealer' AND window = '30d' ORDER BY window_end DESC, csi LIMIT 10\"",
         file=out,
     )
     return 0
