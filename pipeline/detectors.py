@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any, Literal
@@ -226,16 +227,15 @@ class EwmaChart(_ChartBase):
         return self.baseline.mean - self.release_sigmas * self.sigma_z
 
 
-@dataclass
-class CusumChart(_ChartBase):
-    """One-sided lower CUSUM on standardized per-response scores."""
+class _CusumRule:
+    """What both CUSUMs share: statistic S, decision interval h, release level.
 
-    k: float = 0.5
-    h: float = 5.0
-    release: float = 0.0
-    s: float = 0.0
+    A mixin listed after `_ChartBase`, which provides `_run_mean`."""
 
-    method = "CUSUM"
+    s: float
+    h: float
+    release: float
+    _run_mean: Callable[[], float]
 
     @property
     def threshold(self) -> float:
@@ -251,7 +251,7 @@ class CusumChart(_ChartBase):
 
     @property
     def current(self) -> float:
-        """Mean of the responses since the CUSUM last left 0 (the change-point estimate)."""
+        """Mean since S last left 0 (scores, or the detractor rate): where the drop began."""
         return self._run_mean()
 
     def signalling(self) -> bool:
@@ -259,6 +259,18 @@ class CusumChart(_ChartBase):
 
     def released(self) -> bool:
         return self.s <= self.release
+
+
+@dataclass
+class CusumChart(_ChartBase, _CusumRule):
+    """One-sided lower CUSUM on standardized per-response scores."""
+
+    k: float = 0.5
+    h: float = 5.0
+    release: float = 0.0
+    s: float = 0.0
+
+    method = "CUSUM"
 
     def update(self, x: float) -> AlertSignal | None:
         """Feed one score; an "open" signal whenever S > h."""
@@ -278,7 +290,7 @@ class CusumChart(_ChartBase):
 
 
 @dataclass
-class BernoulliCusum(_ChartBase):
+class BernoulliCusum(_ChartBase, _CusumRule):
     """Bernoulli CUSUM on the detractor indicator, p0 → p1 = p0 + delta."""
 
     delta: float = 0.15
@@ -299,29 +311,6 @@ class BernoulliCusum(_ChartBase):
     def increment(self, detractor: bool) -> float:
         p0, p1 = self.p0, self.p1
         return math.log(p1 / p0) if detractor else math.log((1.0 - p1) / (1.0 - p0))
-
-    @property
-    def threshold(self) -> float:
-        return self.h
-
-    @property
-    def statistic(self) -> float:
-        return self.s
-
-    @property
-    def release_level(self) -> float:
-        return self.release
-
-    @property
-    def current(self) -> float:
-        """Detractor rate since the CUSUM last left 0."""
-        return self._run_mean()
-
-    def signalling(self) -> bool:
-        return self.s > self.h
-
-    def released(self) -> bool:
-        return self.s <= self.release
 
     def update(self, x: float) -> AlertSignal | None:
         """Feed one response: x truthy for a detractor."""
