@@ -22,7 +22,6 @@ from pipeline.metrics import Bucket, Figures, figures, window_start
 from pipeline.registry import DealerRegistry
 from pipeline.stream import (
     DEFAULT_LATENESS_DAYS,
-    ROLLUP_SCOPES,
     DeadLetter,
     DealerProcessor,
     DictStore,
@@ -35,7 +34,6 @@ from pipeline.stream import (
 )
 from pipeline.topics import EVENT_TOPICS
 
-SCOPES = ("dealer", *ROLLUP_SCOPES)
 CHUNK = 10_000
 """Records per processor call: big enough to amortise, small enough to stream."""
 

@@ -64,9 +64,6 @@ SLA_RESOLUTION_HOURS = {4: 48, 3: 120, 2: 240, 1: 360}
 WINDOWS: dict[str, int | None] = {"day": 1, "7d": 7, "30d": 30, "90d": 90, "month": None}
 """Window name → length in days; None for the calendar month to date."""
 
-LONGEST_WINDOW_DAYS = 90
-"""No window reaches further back than this from its end date."""
-
 
 # --- scalar formulas -------------------------------------------------------
 

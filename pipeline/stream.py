@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
@@ -145,10 +145,8 @@ class Snapshot:
         return message
 
 
-SNAPSHOT_LABELS = (
-    "scope", "key", "region", "brand", "department", "window", "window_start", "window_end",
-    "computed_at", "version",
-)  # fmt: skip
+SNAPSHOT_LABELS = tuple(f.name for f in fields(Snapshot) if f.name != "figures")
+"""Every column of a snapshot row that is not a figure."""
 
 
 @dataclass(frozen=True)
