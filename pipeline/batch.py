@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime
 from functools import partial
 from typing import Any
 
 import orjson
 
+from pipeline.alerts import Alert, AlertSettings, Case
 from pipeline.catalogue import Catalogue
 from pipeline.metrics import Bucket, Figures, figures, window_start
 from pipeline.registry import DealerRegistry
@@ -32,7 +33,7 @@ from pipeline.stream import (
     scope_bucket_key,
     window_bucket,
 )
-from pipeline.topics import EVENT_TOPICS
+from pipeline.topics import CASE_ACTIONS, EVENT_TOPICS
 
 CHUNK = 10_000
 """Records per processor call: big enough to amortise, small enough to stream."""
@@ -49,6 +50,8 @@ def record_for_line(line_number: int, line: bytes) -> RawRecord:
         data = None
     if isinstance(data, dict):
         spec = EVENT_TOPICS.get(str(data.get("event_type")))
+        if spec is None and "action_id" in data and "case_id" in data:
+            spec = CASE_ACTIONS  # a case action, replayed with the events
         topic = spec.name if spec else ""
         dealer = data.get("dealer_id")
         key = dealer.encode("utf-8") if isinstance(dealer, str) else None
@@ -60,6 +63,8 @@ class BatchState:
     dealers: DictStore = field(default_factory=DictStore)
     rollups: DictStore = field(default_factory=DictStore)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    cases: list[Case] = field(default_factory=list)
     events: int = 0
 
 
@@ -69,22 +74,70 @@ def run_batch(
     *,
     registry: DealerRegistry | None = None,
     lateness_days: int = DEFAULT_LATENESS_DAYS,
+    alert_settings: AlertSettings | None = None,
 ) -> BatchState:
     """Fold every line (1-based line numbers become record offsets)."""
+    records = (record_for_line(n, line) for n, line in enumerate(lines, start=1) if line.strip())
+    return run_records(
+        records, catalogue, registry=registry, lateness_days=lateness_days,
+        alert_settings=alert_settings,
+    )  # fmt: skip
+
+
+def run_records(
+    records: Iterable[RawRecord],
+    catalogue: Catalogue,
+    *,
+    registry: DealerRegistry | None = None,
+    lateness_days: int = DEFAULT_LATENESS_DAYS,
+    alert_settings: AlertSettings | None = None,
+) -> BatchState:
+    """The stream's processors over records, in the order given."""
     state = BatchState()
     dealer = DealerProcessor(
         state.dealers, catalogue, registry=registry, lateness_days=lateness_days,
-        emit_snapshots=False,
+        emit_snapshots=False, alert_settings=alert_settings,
     )  # fmt: skip
-    rollup = RollupProcessor(state.rollups, catalogue, emit_snapshots=False)
-    for chunk in _chunks(
-        record_for_line(n, line) for n, line in enumerate(lines, start=1) if line.strip()
-    ):
+    rollup = RollupProcessor(
+        state.rollups, catalogue, emit_snapshots=False, alert_settings=alert_settings
+    )
+    for chunk in _chunks(records):
         out = dealer.process(chunk)
         state.events += len(out.event_rows)
         state.dead_letters += out.dead_letters
-        rollup.process([(0, update) for update in out.rollups])
+        state.alerts += out.alerts
+        state.cases += out.cases
+        state.alerts += rollup.process([(0, update) for update in out.rollups]).alerts
     return state
+
+
+def _occurred_at(line: bytes) -> str:
+    """A line's `occurred_at` as a UTC ISO text that sorts by time ("" when unreadable)."""
+    try:
+        data = orjson.loads(line)
+        moment = datetime.fromisoformat(data["occurred_at"].replace("Z", "+00:00"))
+        return moment.astimezone(UTC).isoformat() if moment.tzinfo else ""
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
+        return ""
+
+
+def replay_alerts(
+    lines: Iterable[bytes],
+    catalogue: Catalogue,
+    *,
+    registry: DealerRegistry | None = None,
+    lateness_days: int = DEFAULT_LATENESS_DAYS,
+    alert_settings: AlertSettings | None = None,
+) -> BatchState:
+    """`csi alerts replay`: the stream's detectors over a file in event-time order
+    (events and case actions; unreadable lines first, so they become dead letters
+    with their line numbers)."""
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    numbered.sort(key=lambda item: (_occurred_at(item[1]), item[0]))
+    return run_records(
+        (record_for_line(n, line) for n, line in numbered), catalogue, registry=registry,
+        lateness_days=lateness_days, alert_settings=alert_settings,
+    )  # fmt: skip
 
 
 def _chunks(records: Iterable[RawRecord]) -> Iterator[list[RawRecord]]:

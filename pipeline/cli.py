@@ -121,6 +121,111 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alerts_list(args: argparse.Namespace) -> int:
+    """Open alerts and open cases, from the warehouse (latest row of each via FINAL)."""
+    from pipeline.warehouse import ALERTS_TABLE, CASES_TABLE, open_warehouse
+
+    queries = {
+        "alerts": (
+            "SELECT detected_at, kind, scope, key, department, metric, baseline, current, n, "
+            f"case_id, alert_id, message FROM {ALERTS_TABLE} FINAL WHERE status = 'open' "
+            "ORDER BY detected_at, alert_id"
+        ),
+        "cases": (
+            "SELECT case_id, status, opened_at, contact_due_at, escalation_level, dealer_id, "
+            "department, arrayStringConcat(reasons, '; ') AS reasons, recovery, "
+            f"now64(3) > contact_due_at AND status = 'open' AS overdue FROM {CASES_TABLE} FINAL "
+            "WHERE status != 'closed' ORDER BY opened_at, case_id"
+        ),
+    }
+    warehouse = open_warehouse(_warehouse_url(args))
+    try:
+        results = {name: warehouse.query(sql) for name, sql in queries.items()}
+    finally:
+        warehouse.close()
+    for name, (columns, rows) in results.items():
+        if args.format == "json":
+            for row in rows:
+                record = {"record": name[:-1], **dict(zip(columns, row, strict=True))}
+                sys.stdout.buffer.write(orjson.dumps(record, default=str) + b"\n")
+        else:
+            print(f"open {name}: {len(rows)}")
+            if rows:
+                print(format_table(columns, rows))
+    return 0
+
+
+def cmd_alerts_replay(args: argparse.Namespace) -> int:
+    """Every alert the stream's detectors raise over a file, in event-time order."""
+    from pipeline.alerts import load_alert_settings
+    from pipeline.batch import replay_alerts
+    from pipeline.catalogue import load_catalogue
+    from pipeline.registry import load_registry
+
+    catalogue = load_catalogue()
+    registry = load_registry(args.registry) if args.registry else None
+    alert_settings = load_alert_settings(Path(args.config) if args.config else None)
+    with open(args.events, "rb") as events:
+        state = replay_alerts(
+            events, catalogue, registry=registry, lateness_days=args.lateness_days,
+            alert_settings=alert_settings,
+        )  # fmt: skip
+    for dead in state.dead_letters:
+        print(f"{args.events}:{dead.offset}: {dead.reason}", file=sys.stderr)
+    records: list[dict[str, Any]] = [a.to_message() for a in state.alerts]
+    if args.cases:
+        records += [c.to_message() for c in state.cases]
+    # in event time; within one moment, in the order they were raised
+    order = {id(r): i for i, r in enumerate(records)}
+    records.sort(key=lambda r: (r.get("updated_at") or "", order[id(r)]))
+    for record in records:
+        sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
+    opened = sum(1 for a in state.alerts if a.status == "open")
+    print(
+        f"csi alerts replay: {state.events} event(s), {opened} alert(s) opened, "
+        f"{len(state.alerts) - opened} closed, {len({c.case_id for c in state.cases})} case(s)"
+        + (f", {len(state.dead_letters)} invalid line(s) skipped" if state.dead_letters else ""),
+        file=sys.stderr,
+    )
+    return 1 if state.dead_letters else 0
+
+
+def cmd_case(args: argparse.Namespace) -> int:
+    """Move a case: validate the action here, then put it on the case-actions topic."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from pipeline.producer import EventProducer
+    from pipeline.topics import CASE_ACTIONS
+    from schemas import InvalidEvent
+    from schemas.cases import case_action_json, case_dealer, parse_case_action
+
+    raw = orjson.dumps(
+        {
+            "action_id": str(uuid.uuid4()),
+            "case_id": args.case_id,
+            "dealer_id": case_dealer(args.case_id),
+            "action": args.action,
+            "occurred_at": args.at or datetime.now(UTC).isoformat(),
+            "by": args.by,
+            "reason": args.reason,
+            "comment": args.comment,
+        }
+    )
+    try:
+        action = parse_case_action(raw)
+    except InvalidEvent as exc:
+        raise ValueError(f"case {args.case_id}: {exc.reason}") from None
+    bootstrap = args.bootstrap or Settings().bootstrap
+    with EventProducer(bootstrap) as producer:
+        producer.send_raw(
+            CASE_ACTIONS.name, case_action_json(action), action.dealer_id.encode("utf-8")
+        )
+        producer.flush(timeout=30)
+    print(f"{action.action} {action.case_id}: sent (action {action.action_id})")
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from pipeline.warehouse import open_warehouse
 
@@ -221,6 +326,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("table", "json"), default="table", help="json: one object a line"
     )
     query.set_defaults(func=cmd_query)
+
+    alerts = sub.add_parser("alerts", help="open alerts and cases; `alerts replay FILE` offline")
+    alerts.add_argument("--data-dir", default=".csi")
+    alerts.add_argument("--warehouse", help="URL; default chdb://DATA_DIR/warehouse")
+    alerts.add_argument("--format", choices=("table", "json"), default="table")
+    alerts.set_defaults(func=cmd_alerts_list)
+    alerts_sub = alerts.add_subparsers(dest="alerts_command")
+    listing = alerts_sub.add_parser("list", help="open alerts and open cases (the default)")
+    listing.add_argument("--data-dir", default=".csi")
+    listing.add_argument("--warehouse", help="URL; default chdb://DATA_DIR/warehouse")
+    listing.add_argument("--format", choices=("table", "json"), default="table")
+    listing.set_defaults(func=cmd_alerts_list)
+    replay = alerts_sub.add_parser(
+        "replay", help="run the detectors over a JSON-lines file in event-time order"
+    )
+    replay.add_argument("events", help="JSON lines: events (and case actions)")
+    replay.add_argument("--registry", help="dealer registry CSV (for region alerts)")
+    replay.add_argument("--config", help="alert settings TOML (default: $CSI_ALERTS or built-in)")
+    replay.add_argument("--lateness-days", type=int, default=35)
+    replay.add_argument("--cases", action="store_true", help="also print case changes")
+    replay.set_defaults(func=cmd_alerts_replay)
+
+    case = sub.add_parser("case", help="move a case: contact, resolve, close or reopen")
+    case.add_argument("action", choices=("contact", "resolve", "close", "reopen"))
+    case.add_argument("case_id", metavar="ID", help="e.g. D017/3fa9c01b2e")
+    case.add_argument("--by", required=True, help="who acts (user name)")
+    case.add_argument(
+        "--reason",
+        choices=("resolved", "customer_unreachable", "no_action_needed", "duplicate", "other"),
+        help="required to close",
+    )
+    case.add_argument("--comment", help="required to close")
+    case.add_argument("--at", help="when (ISO 8601 with zone; default now)")
+    case.add_argument("--bootstrap", help="Kafka bootstrap servers (CSI_BOOTSTRAP)")
+    case.set_defaults(func=cmd_case)
 
     broker = sub.add_parser("broker", help="run only the embedded broker, with the topics")
     broker.add_argument("--data-dir", default=".csi")

@@ -45,3 +45,11 @@ class Settings:
     """Client-side wait after an empty fetch, for brokers that do not hold one
     (the embedded noida-db); 0 for Kafka/Redpanda, which wait themselves."""
     log_level: str = field(default_factory=lambda: _env("CSI_LOG_LEVEL", "warning"))
+    alerts_file: Path | None = field(
+        default_factory=lambda: Path(p) if (p := os.environ.get("CSI_ALERTS")) else None
+    )
+    """TOML file overriding alert defaults (`pipeline.alerts.AlertSettings`)."""
+    webhook_url: str | None = field(default_factory=lambda: os.environ.get("CSI_WEBHOOK_URL"))
+    """Where alerts and case changes are POSTed (Slack-compatible JSON); unset: no webhook."""
+    webhook_auth: str | None = field(default_factory=lambda: os.environ.get("CSI_WEBHOOK_AUTH"))
+    """Authorization header value for the webhook, if it needs one (never logged)."""

@@ -41,6 +41,7 @@ from typing import Any
 from pipeline.catalogue import RATER_DIMENSIONS, Catalogue
 from schemas import (
     AnyEvent,
+    AuditItem,
     CallEvent,
     ComplaintEvent,
     MysteryShopEvent,
@@ -85,6 +86,31 @@ def csi(factor_indices: Mapping[str, float | None], weights: Mapping[str, float]
     if not present or total_weight == 0:
         return None
     return sum(w * v for w, v in present) / total_weight
+
+
+def response_csi(scale: Scale, ratings: Mapping[str, float], catalogue: Catalogue) -> float | None:
+    """One response's own CSI (100–1000): its factor means on the 1–10 scale, weighted.
+
+    What the drop detectors follow response by response; the mean of these
+    equals a window's CSI when every response rates every factor."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for code, rating in ratings.items():
+        factor = catalogue.attribute_factor.get(code)
+        if factor is not None:
+            sums[factor] = sums.get(factor, 0.0) + rescale_to_10(rating, scale.min, scale.max)
+            counts[factor] = counts.get(factor, 0) + 1
+    return csi({f: factor_index(sums[f], counts[f]) for f in sums}, catalogue.factor_weights)
+
+
+def audit_score(items: Iterable[AuditItem]) -> float | None:
+    """Mystery-shop score of one audit: 100 · Σ w·pass / Σ w·(pass + fail)."""
+    passed = total = 0.0
+    for item in items:
+        if item.result != "na":
+            total += item.weight
+            passed += item.weight * (item.result == "pass")
+    return 100.0 * passed / total if total else None
 
 
 def nps(promoters: float, detractors: float, n: float) -> float | None:
@@ -229,6 +255,11 @@ class Bucket:
             self.add(f"factor_n:{factor}")
             self.add(f"factor_sum:{factor}", x10)
             self.add(f"factor_sumsq:{factor}", x10 * x10)
+        score = response_csi(scale, ratings, catalogue)
+        if score is not None:  # per-response CSI: the region drop detectors' input
+            self.add("csi_resp_n")
+            self.add("csi_resp_sum", score)
+            self.add("csi_resp_sumsq", score * score)
         if overall is not None:
             self.add("overall_n")
             self.add("overall_top2", is_top2(overall, scale))

@@ -29,7 +29,7 @@ from pipeline.config import Settings
 from pipeline.producer import EventProducer, produce_events
 from pipeline.registry import write_registry
 from pipeline.simulator import Drop, simulate, simulated_registry
-from pipeline.topics import DEAD_LETTERS, EVENT_TOPICS, METRICS, ROLLUPS
+from pipeline.topics import CASE_ACTIONS, DEAD_LETTERS, EVENT_TOPICS, METRICS, ROLLUPS
 
 EMBEDDED_FETCH_HOLD_MS = 200
 
@@ -66,9 +66,9 @@ class ProgressReader:
             auto_offset_reset="earliest",
             enable_auto_commit=False,
         )
-        self.event_partitions = [
+        self.event_partitions = [  # every input topic: events and case actions
             TopicPartition(spec.name, p)
-            for spec in EVENT_TOPICS.values()
+            for spec in (*EVENT_TOPICS.values(), CASE_ACTIONS)
             for p in range(spec.partitions)
         ]
         self.dead_letter_partitions = [

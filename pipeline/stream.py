@@ -26,12 +26,20 @@ from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
+from pipeline.alerts import (
+    Alert,
+    AlertEngine,
+    AlertSettings,
+    Case,
+    DropWatch,
+    Record,
+    region_day_inputs,
+    region_watch_days,
+)
 from pipeline.catalogue import Catalogue
 from pipeline.metrics import (
     COMEBACK_DAYS,
     FOLLOW_UP_DAYS,
-    SLA_FIRST_RESPONSE_HOURS,
-    SLA_RESOLUTION_HOURS,
     WINDOWS,
     Bucket,
     Figures,
@@ -44,7 +52,7 @@ from pipeline.metrics import (
     window_start,
 )
 from pipeline.registry import UNKNOWN, DealerRegistry
-from pipeline.topics import EVENT_TOPICS
+from pipeline.topics import CASE_ACTIONS, EVENT_TOPICS
 from pipeline.warehouse import METRIC_SNAPSHOTS_COLUMNS, dead_letter_row
 from schemas import (
     AnyEvent,
@@ -56,6 +64,7 @@ from schemas import (
     event_to_json,
     parse_event,
 )
+from schemas.cases import CaseAction, parse_case_action
 
 TOPIC_EVENT_TYPE = {spec.name: event_type for event_type, spec in EVENT_TOPICS.items()}
 
@@ -181,7 +190,22 @@ class BatchOutput:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     snapshots: list[Snapshot] = field(default_factory=list)
     rollups: list[RollupUpdate] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    cases: list[Case] = field(default_factory=list)
     duplicates: int = 0
+
+    def add_records(self, records: Iterable[Record]) -> None:
+        for record in records:
+            if isinstance(record, Alert):
+                self.alerts.append(record)
+            else:
+                self.cases.append(record)
+
+
+@dataclass
+class RollupOutput:
+    snapshots: list[Snapshot] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
 
 
 @dataclass
@@ -356,6 +380,7 @@ class DealerProcessor:
         registry: DealerRegistry | None = None,
         lateness_days: int = DEFAULT_LATENESS_DAYS,
         emit_snapshots: bool = True,
+        alert_settings: AlertSettings | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.store = store
@@ -363,6 +388,7 @@ class DealerProcessor:
         self.registry = registry
         self.lateness_days = lateness_days
         self.emit_snapshots = emit_snapshots
+        self.alert_settings = alert_settings or AlertSettings()
         self.clock = clock
 
     def validate(self, record: RawRecord) -> AnyEvent:
@@ -383,6 +409,15 @@ class DealerProcessor:
             raise InvalidEvent(f"dealer_id: {event.dealer_id!r} is not in the dealer registry")
         return event
 
+    def validate_case_action(self, record: RawRecord) -> CaseAction:
+        action = parse_case_action(record.value)
+        key = record.key.decode("utf-8", errors="replace") if record.key is not None else None
+        if key != action.dealer_id:
+            raise InvalidEvent(
+                f"key: message key {key!r} must equal dealer_id {action.dealer_id!r}"
+            )
+        return action
+
     def labels(self, dealer_id: str) -> tuple[str, str]:
         """(region, brand) of a dealer; unknown without a registry."""
         if self.registry is None:
@@ -396,7 +431,15 @@ class DealerProcessor:
         latest: dict[str, date | None] = {}  # newest day per dealer, and per dealer and type
         changed: dict[tuple[str, str], set[date]] = {}
         partition_of: dict[str, int] = {}
+        engine = AlertEngine(self.store, self.catalogue, self.alert_settings, self.labels)
         for record in records:
+            if record.topic == CASE_ACTIONS.name:
+                try:
+                    action = self.validate_case_action(record)
+                    out.add_records(engine.on_case_action(action, record.partition))
+                except InvalidEvent as exc:
+                    out.dead_letters.append(self._dead_letter(record, exc.reason, now))
+                continue
             try:
                 event = self.validate(record)
             except InvalidEvent as exc:
@@ -437,11 +480,13 @@ class DealerProcessor:
                 changed.setdefault((dealer, department), set()).add(on)
                 return stored[other].bucket
 
-            join_event(event, self.store, record.partition, day_bucket)
+            join_event(event, self.store, record.partition, day_bucket, self.alert_settings)
+            out.add_records(engine.on_event(event, record.partition))
             for latest_of in (type_key, latest_key("dealer", dealer_id)):
                 newest = latest[latest_of]
                 latest[latest_of] = day if newest is None else max(newest, day)
 
+        engine.flush()
         version = time.time_ns()
         reader = WindowReader(self.store, self.catalogue)
         index_cache: dict[str, list[str]] = {}
@@ -508,6 +553,7 @@ def join_event(
     store: StateStore,
     partition: int,
     day_bucket: Callable[[str, date], Bucket],
+    settings: AlertSettings | None = None,
 ) -> None:
     """Facts that need two events: a visit's follow-up call, its comeback,
     a complaint's response and resolution times, a customer's sales and
@@ -567,7 +613,7 @@ def join_event(
                 partition,
             )
     elif isinstance(event, ComplaintEvent):
-        _note_complaint(event, store, partition, day_bucket)
+        _note_complaint(event, store, partition, day_bucket, settings or AlertSettings())
     elif isinstance(event, SurveyEvent):
         _note_loyalty(event, store, partition, day_bucket)
 
@@ -620,6 +666,7 @@ def _note_complaint(
     store: StateStore,
     partition: int,
     day_bucket: Callable[[str, date], Bucket],
+    settings: AlertSettings,
 ) -> None:
     """Complaint events share one topic, so a dealer's arrive in order.
 
@@ -649,12 +696,12 @@ def _note_complaint(
     severity = int(complaint["severity"])
     before = dict(complaint)
     if event.status == "responded" and not complaint["responded"]:
-        due = SLA_FIRST_RESPONSE_HOURS[severity] * 60
+        due = settings.sla_first_response_hours[severity] * 60
         opening_day().add_complaint_duration("first_response", minutes, minutes > due)
         complaint["responded"] = True
     if event.status in ("resolved", "closed") and not complaint["resolved"]:
         # the first resolution counts; a reopened complaint keeps it
-        due = SLA_RESOLUTION_HOURS[severity] * 60
+        due = settings.sla_resolution_hours[severity] * 60
         opening_day().add_complaint_duration("resolution", minutes, minutes > due)
         complaint["resolved"] = True
     if event.status == "closed" and complaint.get("open", True):
@@ -712,14 +759,16 @@ class RollupProcessor:
         catalogue: Catalogue,
         *,
         emit_snapshots: bool = True,
+        alert_settings: AlertSettings | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.store = store
         self.catalogue = catalogue
         self.emit_snapshots = emit_snapshots
+        self.alert_settings = alert_settings or AlertSettings()
         self.clock = clock
 
-    def process(self, updates: Sequence[tuple[int, RollupUpdate]]) -> list[Snapshot]:
+    def process(self, updates: Sequence[tuple[int, RollupUpdate]]) -> RollupOutput:
         """`updates`: (source partition, update) in arrival order."""
         now = self.clock()
         reader = WindowReader(self.store, self.catalogue)
@@ -761,10 +810,11 @@ class RollupProcessor:
             self.store.put(
                 latest_key(scope, key), {"day": newest.isoformat()}, partition_of[(scope, key)]
             )
+        out = RollupOutput(alerts=self._region_drops(changed, latest, partition_of, reader))
         if not self.emit_snapshots:
-            return []
+            return out
         version = time.time_ns()
-        snapshots: list[Snapshot] = []
+        snapshots = out.snapshots
         for (scope, key, department), days in changed.items():
             labels = (
                 scope, key, key if scope == "region" else "", key if scope == "brand" else "",
@@ -774,4 +824,37 @@ class RollupProcessor:
                 partial(scope_bucket_key, scope, key, department),
                 now, version, backlog_changed.get((scope, key, department), ()),
             )  # fmt: skip
-        return snapshots
+        return out
+
+    def _region_drops(
+        self,
+        changed: dict[tuple[str, str, str], set[date]],
+        latest: dict[tuple[str, str], date],
+        partition_of: dict[tuple[str, str], int],
+        reader: WindowReader,
+    ) -> list[Alert]:
+        """Feed each region's closed days to its drop charts, once, in day order.
+
+        A day is closed once the region has events `region_close_after_days`
+        later; what arrives for it afterwards still counts in the figures but
+        no longer in the detector (documented in docs/alerts.md)."""
+        alerts: list[Alert] = []
+        grace = self.alert_settings.region_close_after_days
+        for (scope, key, department), days in sorted(changed.items()):
+            if scope != "region":
+                continue
+            watch = DropWatch(scope, key, key, "", department, self.alert_settings)
+            watch.load(self.store.get(watch.state_key))
+            through = date.fromisoformat(watch.closed_through) if watch.closed_through else None
+            todo = region_watch_days(through, min(days), latest[(scope, key)], grace)
+            if not todo:
+                continue
+            for day in todo:
+                bucket = reader.bucket(scope_bucket_key(scope, key, department, day))
+                items = region_day_inputs(bucket)
+                if items:
+                    end_of_day = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
+                    alerts += watch.feed(items, end_of_day)
+            watch.closed_through = todo[-1].isoformat()
+            self.store.put(watch.state_key, watch.dump(), partition_of[(scope, key)])
+        return alerts

@@ -40,7 +40,18 @@ ROLLUPS = TopicSpec(
     "dealer-day buckets (absolute values) keyed by region, brand or network, for roll-ups",
 )
 
-ALL_TOPICS: tuple[TopicSpec, ...] = (*EVENT_TOPICS.values(), DEAD_LETTERS, METRICS, ROLLUPS)
+# Case actions are keyed by dealer_id and partitioned like the event topics:
+# a dealer's cases live in its partition's state.
+CASE_ACTIONS = TopicSpec(
+    "csi.case_actions", EVENT_PARTITIONS, "case actions: contact, resolve, close, reopen"
+)
+ALERTS = TopicSpec(
+    "csi.alerts", EVENT_PARTITIONS, "alerts and case changes (JSON, with a delivery_id)"
+)
+
+ALL_TOPICS: tuple[TopicSpec, ...] = (
+    *EVENT_TOPICS.values(), DEAD_LETTERS, METRICS, ROLLUPS, CASE_ACTIONS, ALERTS,
+)  # fmt: skip
 
 
 def topic_for(event_type: str) -> str:

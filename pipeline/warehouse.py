@@ -34,12 +34,15 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from pipeline.alerts import Alert, Case
 from pipeline.metrics import Figures
 
 CSI_DATABASE = "csi"
 EVENTS_TABLE = f"{CSI_DATABASE}.events"
 METRIC_SNAPSHOTS_TABLE = f"{CSI_DATABASE}.metric_snapshots"
 DEAD_LETTERS_TABLE = f"{CSI_DATABASE}.dead_letters"
+ALERTS_TABLE = f"{CSI_DATABASE}.alerts"
+CASES_TABLE = f"{CSI_DATABASE}.cases"
 
 DEAD_LETTER_PREVIEW_CHARS = 500
 """How much of a rejected message's text `raw_preview` keeps; `raw_b64` keeps it all."""
@@ -100,9 +103,40 @@ DEAD_LETTERS_SCHEMA: tuple[tuple[str, str], ...] = (
     ("raw_preview", "String"),
 )
 
+# ClickHouse type of each kind of field of `pipeline.alerts.Alert` and `Case`.
+_RECORD_TYPES = {
+    "str": "String",
+    "int": "UInt32",
+    "datetime": "DateTime64(3, 'UTC')",
+    "datetime | None": "Nullable(DateTime64(3, 'UTC'))",
+    "float | None": "Nullable(Float64)",
+    "list[str]": "Array(String)",
+}
+ALERTS_SCHEMA: tuple[tuple[str, str], ...] = (
+    *((f.name, _RECORD_TYPES[str(f.type)]) for f in dataclasses.fields(Alert)),
+    ("version", "UInt8"),  # 1 open, 2 closed: the closed row wins under FINAL
+)
+"""One row per alert and status, derived from `Alert`."""
+CASES_SCHEMA: tuple[tuple[str, str], ...] = tuple(
+    (f.name, _RECORD_TYPES[str(f.type)])
+    for f in dataclasses.fields(Case)
+    if f.name != "action_ids"  # state the worker keeps to drop replayed actions
+)
+"""One row per case change, derived from `Case`; `seq` is the version."""
+
 EVENTS_COLUMNS: tuple[str, ...] = tuple(name for name, _ in EVENTS_SCHEMA)
 METRIC_SNAPSHOTS_COLUMNS: tuple[str, ...] = tuple(name for name, _ in METRIC_SNAPSHOTS_SCHEMA)
 DEAD_LETTERS_COLUMNS: tuple[str, ...] = tuple(name for name, _ in DEAD_LETTERS_SCHEMA)
+ALERTS_COLUMNS: tuple[str, ...] = tuple(name for name, _ in ALERTS_SCHEMA)
+CASES_COLUMNS: tuple[str, ...] = tuple(name for name, _ in CASES_SCHEMA)
+
+
+def alert_row(alert: Alert) -> tuple[Any, ...]:
+    return tuple(getattr(alert, column) for column in ALERTS_COLUMNS)
+
+
+def case_row(case: Case) -> tuple[Any, ...]:
+    return tuple(getattr(case, column) for column in CASES_COLUMNS)
 
 
 def quote_identifier(name: str) -> str:
@@ -147,6 +181,19 @@ SCHEMA_DDL: list[str] = [
         DEAD_LETTERS_TABLE,
         DEAD_LETTERS_SCHEMA,
         "ENGINE = ReplacingMergeTree()\nORDER BY dead_letter_id",
+    ),
+    # An alert's ids are deterministic, so a replayed batch rewrites the same rows;
+    # the closed record (version 2) replaces the open one under FINAL.
+    _create_table_ddl(
+        ALERTS_TABLE,
+        ALERTS_SCHEMA,
+        "ENGINE = ReplacingMergeTree(version)\n"
+        "PARTITION BY toYYYYMM(detected_at)\n"
+        "ORDER BY alert_id",
+    ),
+    # One row per case change; FINAL keeps the latest (highest seq).
+    _create_table_ddl(
+        CASES_TABLE, CASES_SCHEMA, "ENGINE = ReplacingMergeTree(seq)\nORDER BY case_id"
     ),
 ]
 
@@ -825,6 +872,8 @@ class SinkSet:
         self.events = sink(EVENTS_TABLE, EVENTS_COLUMNS)
         self.metric_snapshots = sink(METRIC_SNAPSHOTS_TABLE, METRIC_SNAPSHOTS_COLUMNS)
         self.dead_letters = sink(DEAD_LETTERS_TABLE, DEAD_LETTERS_COLUMNS)
+        self.alerts = sink(ALERTS_TABLE, ALERTS_COLUMNS)
+        self.cases = sink(CASES_TABLE, CASES_COLUMNS)
 
     @property
     def snapshots(self) -> BatchingSink:
@@ -833,7 +882,7 @@ class SinkSet:
 
     @property
     def sinks(self) -> tuple[BatchingSink, ...]:
-        return (self.events, self.metric_snapshots, self.dead_letters)
+        return (self.events, self.metric_snapshots, self.dead_letters, self.alerts, self.cases)
 
     @property
     def pending(self) -> int:

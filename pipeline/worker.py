@@ -1,14 +1,19 @@
-"""The Faust worker: a thin adapter around `pipeline.stream.BatchProcessor`.
+"""The Faust worker: a thin adapter around `pipeline.stream.DealerProcessor`.
 
-One agent consumes every event topic in batches (`take_events`), hands the
-raw records to the processor, and ships its output: events, snapshots and
-dead letters to the warehouse sinks, snapshots to the metrics topic, dead
-letters to the dead-letter topic. Buckets live in a Faust table whose
-changelog is written to the partition the dealer's events come from.
+One agent (`ingest`) consumes every event topic and the case actions in
+batches (`take_events`), hands the raw records to the processor, and ships
+its output: events, snapshots, dead letters, alerts and cases to the
+warehouse sinks, snapshots to the metrics topic, dead letters to the
+dead-letter topic, alerts and case changes to the alerts topic. Buckets and
+alert state live in a Faust table whose changelog is written to the
+partition the dealer's events come from. `rollup` folds dealer-day updates
+into regions, brands and the network (and runs the region drop charts);
+`notify` (with CSI_WEBHOOK_URL) posts the alerts topic to the webhook.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
@@ -17,6 +22,7 @@ import faust
 import orjson
 from faust.types.tuples import ack_lock
 
+from pipeline.alerts import Alert, Case, load_alert_settings
 from pipeline.broker import hold_empty_fetches
 from pipeline.catalogue import Catalogue, load_catalogue
 from pipeline.config import Settings
@@ -29,8 +35,17 @@ from pipeline.stream import (
     RollupUpdate,
     Snapshot,
 )
-from pipeline.topics import DEAD_LETTERS, EVENT_PARTITIONS, EVENT_TOPICS, METRICS, ROLLUPS
-from pipeline.warehouse import SinkSet, create_schema, open_warehouse
+from pipeline.topics import (
+    ALERTS,
+    CASE_ACTIONS,
+    DEAD_LETTERS,
+    EVENT_PARTITIONS,
+    EVENT_TOPICS,
+    METRICS,
+    ROLLUPS,
+)
+from pipeline.warehouse import SinkSet, alert_row, case_row, create_schema, open_warehouse
+from pipeline.webhook import WebhookError, WebhookNotifier, WebhookSettings
 
 log = logging.getLogger("csi.worker")
 
@@ -153,6 +168,36 @@ class OffsetGuard:
             consumer._acked[tp]  # a defaultdict: creates the entry
 
 
+class TableDeliveredLog:
+    """Webhook deliveries done, in a Faust table: after a restart the notify
+    agent re-reads uncommitted alerts and skips those already delivered."""
+
+    def __init__(self, table: PartitionedTable, partition: int) -> None:
+        self.table, self.partition = table, partition
+
+    def __contains__(self, delivery_id: str) -> bool:
+        return self.table.get(delivery_id) is not None
+
+    def add(self, delivery_id: str) -> None:
+        TableStore(self.table).put(delivery_id, {"done": True}, self.partition)
+
+
+async def deliver_until_done(
+    notifier: WebhookNotifier, delivery_id: str, message: dict[str, Any]
+) -> None:
+    """Deliver one record, waiting out a webhook that is down or misconfigured:
+    the notify agent stops (its offsets stay put) rather than drop an alert."""
+    pause = 5.0
+    while True:
+        try:
+            await notifier.deliver(delivery_id, message)
+            return
+        except WebhookError as exc:
+            log.error("webhook delivery %s failed, retrying in %.0f s: %s", delivery_id, pause, exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 300.0)
+
+
 def faust_broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{host_port.strip()}" for host_port in bootstrap.split(",") if host_port]
 
@@ -184,10 +229,14 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
     # default buffer of 100 would call every batch "producer buffer full".
     app.producer.buffer.max_messages = max(settings.batch_max, 100)
     registry = load_registry(settings.registry) if settings.registry else None
+    alert_settings = load_alert_settings(settings.alerts_file)
     processor = DealerProcessor(
-        TableStore(buckets), catalogue, registry=registry, lateness_days=settings.lateness_days
+        TableStore(buckets), catalogue, registry=registry, lateness_days=settings.lateness_days,
+        alert_settings=alert_settings,
+    )  # fmt: skip
+    rollup_processor = RollupProcessor(
+        TableStore(rollup_buckets), catalogue, alert_settings=alert_settings
     )
-    rollup_processor = RollupProcessor(TableStore(rollup_buckets), catalogue)
     guard = OffsetGuard()
     guard.install(app.consumer)
     log_level = logging.getLevelName(settings.log_level.upper())
@@ -200,10 +249,11 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
             *names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
         )
 
-    event_topics = raw_topic(*(spec.name for spec in EVENT_TOPICS.values()))
+    event_topics = raw_topic(*(spec.name for spec in EVENT_TOPICS.values()), CASE_ACTIONS.name)
     dead_letter_topic = raw_topic(DEAD_LETTERS.name)
     metrics_topic = raw_topic(METRICS.name)
     rollup_topic = raw_topic(ROLLUPS.name)
+    alerts_topic = raw_topic(ALERTS.name)
 
     async def guard_batch(events: Sequence[Any]) -> None:
         committed = cast(Any, app.consumer)._committed_offset.get  # faust internals
@@ -222,6 +272,7 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
                 key=dead_letter.key.encode("utf-8"), value=orjson.dumps(dead_letter.to_message())
             )
         await publish_snapshots(out.snapshots)
+        await publish_alerts(out.alerts, out.cases)
         for update in out.rollups:
             await rollup_topic.send(
                 key=update.partition_key.encode("utf-8"), value=orjson.dumps(update.to_message())
@@ -233,6 +284,16 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
         for snapshot in snapshots:
             await metrics_topic.send(
                 key=snapshot.key.encode("utf-8"), value=orjson.dumps(snapshot.to_message())
+            )
+
+    async def publish_alerts(alerts: Sequence[Alert], cases: Sequence[Case]) -> None:
+        sinks.alerts.add(alert_row(a) for a in alerts)
+        sinks.cases.add(case_row(c) for c in cases)
+        records: list[Alert | Case] = [*alerts, *cases]
+        for record in records:
+            key = record.key if isinstance(record, Alert) else record.dealer_id
+            await alerts_topic.send(
+                key=key.encode("utf-8"), value=orjson.dumps(record.to_message())
             )
 
     @app.agent(event_topics, name="ingest")
@@ -261,9 +322,30 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
                 for e in events
                 if e.message.value is not None
             ]
-            await publish_snapshots(rollup_processor.process(updates))
+            result = rollup_processor.process(updates)
+            await publish_snapshots(result.snapshots)
+            await publish_alerts(result.alerts, [])
             sinks.flush_due()
             await guard_batch(events)
+
+    if settings.webhook_url:
+        delivered = state_table("deliveries", "webhook deliveries done, by delivery_id")
+        headers = {"Authorization": settings.webhook_auth} if settings.webhook_auth else {}
+        notifier = WebhookNotifier(WebhookSettings(settings.webhook_url, headers=headers))
+
+        @app.agent(alerts_topic, name="notify")
+        async def notify(stream: faust.StreamT[bytes]) -> None:
+            async for events in cast(faust.Stream[bytes], stream).take_events(
+                settings.batch_max, settings.batch_within_s
+            ):
+                for event in events:
+                    if event.message.value is None:
+                        continue
+                    message = orjson.loads(event.message.value)
+                    log_of = TableDeliveredLog(delivered, event.message.partition)
+                    notifier.delivered = log_of
+                    await deliver_until_done(notifier, message["delivery_id"], message)
+                await guard_batch(events)
 
     @app.task  # type: ignore[untyped-decorator]
     async def quiet_client_logs() -> None:

@@ -188,11 +188,11 @@ def test_rollups_are_sums_of_dealers_and_replays_change_nothing() -> None:
         ]
     )
     updates = [(0, u) for u in out.rollups]
-    snapshots = rollups.process(updates)
+    snapshots = rollups.process(updates).snapshots
     network = [s for s in snapshots if s.scope == "network" and s.window == "day"]
     assert network[0].figures.csi == pytest.approx(900.0)
     assert network[0].figures.nps == pytest.approx(100 / 3)  # 2 promoters, 1 detractor
-    again = rollups.process(updates)  # a replayed update: absolute values, no change
+    again = rollups.process(updates).snapshots  # a replayed update: absolute values, no change
     network_again = [s for s in again if s.scope == "network" and s.window == "day"]
     assert network_again[0].figures == network[0].figures
 
@@ -376,7 +376,7 @@ def test_final_snapshots_do_not_depend_on_how_topics_interleave() -> None:
     final: dict[tuple[str, str, str, str, date], Any] = {}
     for start in range(0, len(by_topic), 500):
         out = dealers.process([feed(e) for e in by_topic[start : start + 500]])
-        snapshots = out.snapshots + rollups.process([(0, u) for u in out.rollups])
+        snapshots = out.snapshots + rollups.process([(0, u) for u in out.rollups]).snapshots
         for snap in snapshots:
             final[(snap.scope, snap.key, snap.department, snap.window, snap.window_end)] = snap
     batch = run_batch([orjson.dumps(e) for e in events], CATALOGUE, registry=registry)

@@ -147,7 +147,7 @@ def count(warehouse: Warehouse, sql: str) -> int:
 # ------------------------------------------------------------------------------- schema
 
 
-def test_create_schema_twice_creates_the_three_tables(warehouse: Warehouse) -> None:
+def test_create_schema_twice_creates_the_five_tables(warehouse: Warehouse) -> None:
     create_schema(warehouse)  # second time: must be a no-op
 
     names, rows = warehouse.query(
@@ -156,6 +156,8 @@ def test_create_schema_twice_creates_the_three_tables(warehouse: Warehouse) -> N
     )
     assert names == ["name", "engine", "sorting_key", "partition_key"]
     assert rows == [
+        ("alerts", "ReplacingMergeTree", "alert_id", "toYYYYMM(detected_at)"),
+        ("cases", "ReplacingMergeTree", "case_id", ""),
         ("dead_letters", "ReplacingMergeTree", "dead_letter_id", ""),
         ("events", "ReplacingMergeTree", "event_id", "toYYYYMM(occurred_at)"),
         (
