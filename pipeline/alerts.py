@@ -171,12 +171,16 @@ def load_alert_settings(path: Path | None) -> AlertSettings:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown alert settings {unknown}; known: {sorted(known)}")
+    defaults = AlertSettings()
     for name in ("sla_first_response_hours", "sla_resolution_hours"):
-        if name in data:
-            data[name] = {int(k): float(v) for k, v in data[name].items()}
+        if name in data:  # severities not in the file keep their defaults
+            data[name] = {
+                **getattr(defaults, name),
+                **{int(k): float(v) for k, v in data[name].items()},
+            }
     if "prior_csi" in data:
         data["prior_csi"] = tuple(data["prior_csi"])
-    return replace(AlertSettings(), **data)
+    return replace(defaults, **data)
 
 
 # --- records -------------------------------------------------------------------
@@ -263,6 +267,8 @@ class Case:
     change: str = "opened"
     seq: int = 1
     action_ids: list[str] = field(default_factory=list)
+    open_hot_alerts: list[dict[str, str]] = field(default_factory=list)
+    """Hot alerts of this case not closed yet: {alert_id, detected_at, event_id}."""
     hot_events: int = 1
 
     _TIMES = (
@@ -291,7 +297,7 @@ class Case:
 
     def to_message(self) -> dict[str, Any]:
         data = self.to_dict()
-        del data["action_ids"]
+        del data["action_ids"], data["open_hot_alerts"]
         return {"record": "case", "delivery_id": self.delivery_id, **data}
 
     def snapshot(self) -> Case:
@@ -585,13 +591,19 @@ class AlertEngine:
             state["awaiting"][event.customer_ref] = case.case_id
             self._save_case(case, partition)
             out.append(case.snapshot())
+        alert_id = stable_id("hot", event.event_id)
+        case.open_hot_alerts = [
+            *case.open_hot_alerts,
+            {"alert_id": alert_id, "detected_at": at.isoformat(), "event_id": str(event.event_id)},
+        ]
+        self._save_case(case, partition)
         comment = getattr(event, "comment", None)
         said = f' They wrote: "{comment[:140]}".' if comment else ""
         source = "survey" if isinstance(event, SurveyEvent) else "follow-up call"
         out.insert(
             0,
             self._alert(
-                dealer, alert_id=stable_id("hot", event.event_id), kind="hot", status="open",
+                dealer, alert_id=alert_id, kind="hot", status="open",
                 department=event.department, metric="response", detected_at=at,
                 current=float(event.overall) if event.overall is not None else None, n=1,
                 message=(
@@ -706,19 +718,22 @@ class AlertEngine:
             if case.case_id not in state["cases"]:
                 state["cases"].append(case.case_id)
         case.action_ids = [*case.action_ids, str(action.action_id)]
+        closing = case.open_hot_alerts if case.status == "closed" else []
+        case.open_hot_alerts = [] if closing else case.open_hot_alerts
         self._change(case, action.action, at, partition, out)
-        if case.status == "closed":
-            out.append(self._close_hot(case, at))
+        out += [self._close_hot(case, hot, at) for hot in closing]
         self.cache.put(f"alerting|{action.dealer_id}", state, partition)
         return out
 
-    def _close_hot(self, case: Case, at: datetime) -> Alert:
+    def _close_hot(self, case: Case, hot: dict[str, str], at: datetime) -> Alert:
+        """Closing a case closes each hot alert it raised (a reopened case's
+        alerts stay closed; a new hot response on it raises a new one)."""
         return self._alert(
-            case.dealer_id, alert_id=stable_id("hot", case.source_event_id), kind="hot",
+            case.dealer_id, alert_id=hot["alert_id"], kind="hot",
             status="closed", department=case.department, metric="response",
-            detected_at=case.opened_at, updated_at=at,
+            detected_at=datetime.fromisoformat(hot["detected_at"]), updated_at=at,
             message=f"Case {case.case_id} closed ({case.close_reason}): {case.comment}",
-            case_id=case.case_id, event_id=case.source_event_id,
+            case_id=case.case_id, event_id=hot["event_id"],
         )  # fmt: skip
 
     # -- complaints -----------------------------------------------------------------
@@ -766,10 +781,11 @@ class AlertEngine:
         opened = datetime.fromisoformat(entry["opened_at"])
         hours = (at - opened).total_seconds() / 3600
         label = "first response" if stage == "first_response" else "resolution"
+        due = entry["first_due" if stage == "first_response" else "resolve_due"]
         return self._alert(
             dealer, alert_id=stable_id("sla", dealer, cid, stage), kind="complaint_sla",
-            status="closed", department=entry["department"], metric=stage, detected_at=at,
-            updated_at=at, current=hours, n=1,
+            status="closed", department=entry["department"], metric=stage,
+            detected_at=datetime.fromisoformat(due), updated_at=at, current=hours, n=1,
             message=f"Complaint {cid} at dealer {dealer}: {label} after {hours:.0f} h.",
         )  # fmt: skip
 
@@ -812,14 +828,15 @@ class AlertEngine:
         slot = f"{event.department}|{event.scenario}"
         out: list[Record] = []
         below = score is not None and score < mark
-        previous = state["audits"].get(slot)
+        previous: dict[str, str] | None = state["audits"].get(slot)
         if not below and not failed:
             if previous is not None:
                 del state["audits"][slot]
                 out.append(
                     self._alert(
-                        dealer, alert_id=previous, kind="mystery_shop", status="closed",
-                        department=event.department, metric="audit_score", detected_at=at,
+                        dealer, alert_id=previous["alert_id"], kind="mystery_shop",
+                        status="closed", department=event.department, metric=previous["metric"],
+                        detected_at=datetime.fromisoformat(previous["detected_at"]),
                         updated_at=at, baseline=mark, current=score, n=1,
                         message=(
                             f"Dealer {dealer} passed its next {event.scenario} mystery shop "
@@ -840,17 +857,22 @@ class AlertEngine:
         if previous is not None:  # the earlier failed audit's alert gives way to this one
             out.append(
                 self._alert(
-                    dealer, alert_id=previous, kind="mystery_shop", status="closed",
-                    department=event.department, metric="audit_score", detected_at=at,
-                    updated_at=at, message=f"Superseded by audit {event.audit_id}.",
+                    dealer, alert_id=previous["alert_id"], kind="mystery_shop", status="closed",
+                    department=event.department, metric=previous["metric"],
+                    detected_at=datetime.fromisoformat(previous["detected_at"]), updated_at=at,
+                    message=f"Superseded by audit {event.audit_id}.",
                 )
             )  # fmt: skip
-        state["audits"][slot] = alert_id
+        metric = "audit_score" if below else "mandatory_item"
+        state["audits"][slot] = {
+            "alert_id": alert_id,
+            "metric": metric,
+            "detected_at": at.isoformat(),
+        }
         out.append(
             self._alert(
                 dealer, alert_id=alert_id, kind="mystery_shop", status="open",
-                department=event.department,
-                metric="audit_score" if below else "mandatory_item", detected_at=at,
+                department=event.department, metric=metric, detected_at=at,
                 baseline=mark, current=score, n=1,
                 message=(
                     f"Dealer {dealer}'s {event.scenario} mystery shop (audit {event.audit_id}) "

@@ -120,7 +120,8 @@ ALERTS_SCHEMA: tuple[tuple[str, str], ...] = (
 CASES_SCHEMA: tuple[tuple[str, str], ...] = tuple(
     (f.name, _RECORD_TYPES[str(f.type)])
     for f in dataclasses.fields(Case)
-    if f.name != "action_ids"  # state the worker keeps to drop replayed actions
+    # state the worker keeps for itself: replayed actions, hot alerts to close
+    if f.name not in ("action_ids", "open_hot_alerts")
 )
 """One row per case change, derived from `Case`; `seq` is the version."""
 
