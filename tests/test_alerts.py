@@ -904,7 +904,7 @@ def test_processor_routes_events_and_case_actions_to_the_engine() -> None:
 def test_reclosing_a_reopened_case_sends_nothing_twice() -> None:
     engine = new_engine()
     first, case = open_case(engine)
-    records = [first, case]
+    records: list[Alert | Case] = [first, case]
     for step, (action, extra) in enumerate(
         [
             ("contact", {}),
