@@ -121,6 +121,36 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    """Fill the warehouse from a file with the worker's own processors (no Kafka)."""
+    from pipeline.alerts import load_alert_settings
+    from pipeline.batch import load_warehouse
+    from pipeline.catalogue import load_catalogue
+    from pipeline.registry import load_registry
+    from pipeline.warehouse import create_schema, open_warehouse
+
+    registry = load_registry(args.registry) if args.registry else None
+    warehouse = open_warehouse(_warehouse_url(args))
+    try:
+        create_schema(warehouse)
+        with open(args.events, "rb") as events:
+            state = load_warehouse(
+                events, warehouse, load_catalogue(), registry=registry,
+                lateness_days=args.lateness_days,
+                alert_settings=load_alert_settings(Settings().alerts_file),
+            )  # fmt: skip
+    finally:
+        warehouse.close()
+    for dead in state.dead_letters:
+        print(f"{args.events}:{dead.offset}: {dead.reason}", file=sys.stderr)
+    print(
+        f"csi load: {state.events} event(s), {len(state.dead_letters)} dead letter(s), "
+        f"{len(state.alerts)} alert record(s), {len(state.cases)} case change(s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_alerts_list(args: argparse.Namespace) -> int:
     """Open alerts and open cases, from the warehouse (latest row of each via FINAL)."""
     from pipeline.warehouse import ALERTS_TABLE, CASES_TABLE, open_warehouse
@@ -326,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("table", "json"), default="table", help="json: one object a line"
     )
     query.set_defaults(func=cmd_query)
+
+    load = sub.add_parser(
+        "load", help="fill the warehouse from a JSON-lines file (the worker's code, no Kafka)"
+    )
+    load.add_argument("events", help="JSON lines: events (and case actions)")
+    load.add_argument("--registry", help="dealer registry CSV")
+    load.add_argument("--data-dir", default=".csi")
+    load.add_argument("--warehouse", help="URL; default chdb://DATA_DIR/warehouse")
+    load.add_argument("--lateness-days", type=int, default=35)
+    load.set_defaults(func=cmd_load)
 
     alerts = sub.add_parser("alerts", help="open alerts and cases; `alerts replay FILE` offline")
     alerts.add_argument("--data-dir", default=".csi")

@@ -43,6 +43,7 @@ METRIC_SNAPSHOTS_TABLE = f"{CSI_DATABASE}.metric_snapshots"
 DEAD_LETTERS_TABLE = f"{CSI_DATABASE}.dead_letters"
 ALERTS_TABLE = f"{CSI_DATABASE}.alerts"
 CASES_TABLE = f"{CSI_DATABASE}.cases"
+PIPELINE_HEALTH_TABLE = f"{CSI_DATABASE}.pipeline_health"
 
 DEAD_LETTER_PREVIEW_CHARS = 500
 """How much of a rejected message's text `raw_preview` keeps; `raw_b64` keeps it all."""
@@ -125,11 +126,23 @@ CASES_SCHEMA: tuple[tuple[str, str], ...] = tuple(
 )
 """One row per case change, derived from `Case`; `seq` is the version."""
 
+PIPELINE_HEALTH_SCHEMA: tuple[tuple[str, str], ...] = (
+    ("measured_at", "DateTime64(3, 'UTC')"),
+    ("worker", "String"),
+    # events_processed (key: event type), dead_letters, consumer_lag (key: topic),
+    # sink_flush_seconds, sink_rows_written, sink_pending_rows (key: table)
+    ("metric", "LowCardinality(String)"),
+    ("key", "String"),
+    ("value", "Float64"),
+)
+"""The worker's own measurements, every few seconds, for the pipeline-health dashboard."""
+
 EVENTS_COLUMNS: tuple[str, ...] = tuple(name for name, _ in EVENTS_SCHEMA)
 METRIC_SNAPSHOTS_COLUMNS: tuple[str, ...] = tuple(name for name, _ in METRIC_SNAPSHOTS_SCHEMA)
 DEAD_LETTERS_COLUMNS: tuple[str, ...] = tuple(name for name, _ in DEAD_LETTERS_SCHEMA)
 ALERTS_COLUMNS: tuple[str, ...] = tuple(name for name, _ in ALERTS_SCHEMA)
 CASES_COLUMNS: tuple[str, ...] = tuple(name for name, _ in CASES_SCHEMA)
+PIPELINE_HEALTH_COLUMNS: tuple[str, ...] = tuple(name for name, _ in PIPELINE_HEALTH_SCHEMA)
 
 
 def alert_row(alert: Alert) -> tuple[Any, ...]:
@@ -195,6 +208,13 @@ SCHEMA_DDL: list[str] = [
     # One row per case change; FINAL keeps the latest (highest seq).
     _create_table_ddl(
         CASES_TABLE, CASES_SCHEMA, "ENGINE = ReplacingMergeTree(seq)\nORDER BY case_id"
+    ),
+    # the worker's own measurements; kept 90 days
+    _create_table_ddl(
+        PIPELINE_HEALTH_TABLE,
+        PIPELINE_HEALTH_SCHEMA,
+        "ENGINE = MergeTree\nORDER BY (metric, measured_at)\n"
+        "TTL toDateTime(measured_at) + INTERVAL 90 DAY",
     ),
 ]
 
@@ -875,6 +895,7 @@ class SinkSet:
         self.dead_letters = sink(DEAD_LETTERS_TABLE, DEAD_LETTERS_COLUMNS)
         self.alerts = sink(ALERTS_TABLE, ALERTS_COLUMNS)
         self.cases = sink(CASES_TABLE, CASES_COLUMNS)
+        self.pipeline_health = sink(PIPELINE_HEALTH_TABLE, PIPELINE_HEALTH_COLUMNS)
 
     @property
     def snapshots(self) -> BatchingSink:
@@ -883,7 +904,22 @@ class SinkSet:
 
     @property
     def sinks(self) -> tuple[BatchingSink, ...]:
-        return (self.events, self.metric_snapshots, self.dead_letters, self.alerts, self.cases)
+        return (
+            self.events, self.metric_snapshots, self.dead_letters, self.alerts, self.cases,
+            self.pipeline_health,
+        )  # fmt: skip
+
+    def health_rows(self, at: datetime, worker: str) -> list[tuple[Any, ...]]:
+        """Each sink's last flush time, rows written and rows waiting."""
+        rows: list[tuple[Any, ...]] = []
+        for sink in self.sinks:
+            table = sink.table.split(".")[-1]
+            rows += [
+                (at, worker, "sink_flush_seconds", table, sink.last_flush_seconds),
+                (at, worker, "sink_rows_written", table, float(sink.rows_written)),
+                (at, worker, "sink_pending_rows", table, float(sink.pending)),
+            ]
+        return rows
 
     @property
     def pending(self) -> int:

@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import faust
@@ -48,6 +53,9 @@ from pipeline.warehouse import SinkSet, alert_row, case_row, create_schema, open
 from pipeline.webhook import WebhookError, WebhookNotifier, WebhookSettings
 
 log = logging.getLogger("csi.worker")
+
+HEALTH_INTERVAL_S = 10.0
+"""How often the worker writes its own measurements to csi.pipeline_health."""
 
 
 class PartitionedTable(faust.Table[str, dict[str, Any]]):
@@ -264,7 +272,13 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
     async def reset_guard(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         guard.forget_assignment()
 
+    processed: Counter[str] = Counter()  # event type (or "dead_letter") → since last tick
+    worker_name = f"{socket.gethostname()}:{os.getpid()}"
+    health_tick = [time.monotonic()]
+
     async def ship(out: BatchOutput) -> None:
+        processed.update(row[1] for row in out.event_rows)
+        processed["dead_letter"] += len(out.dead_letters)
         sinks.events.add(out.event_rows)
         sinks.dead_letters.add(dl.to_row() for dl in out.dead_letters)
         for dead_letter in out.dead_letters:
@@ -354,6 +368,29 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
         # consumer thread's samples in a profile on the embedded broker).
         for name in ("aiokafka", "kafka"):
             logging.getLogger(name).setLevel(max(logging.INFO, log_level))
+
+    @app.timer(interval=HEALTH_INTERVAL_S)  # type: ignore[untyped-decorator]
+    async def record_health() -> None:
+        # events/s per type, consumer lag per topic, sink latencies: the
+        # pipeline-health dashboard reads these rows
+        now, elapsed = time.monotonic(), time.monotonic() - health_tick[0]
+        health_tick[0] = now
+        at = datetime.now(UTC)
+        rows = [
+            (at, worker_name, "events_per_s", kind, count / max(elapsed, 1e-3))
+            for kind, count in sorted(processed.items())
+        ]
+        processed.clear()
+        lag: Counter[str] = Counter()
+        consumer = cast(Any, app.consumer)
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            committed = consumer._committed_offset.get(tp)  # faust internals
+            if highwater is not None:
+                lag[tp.topic] += max(highwater - (committed or 0), 0)
+        rows += [(at, worker_name, "consumer_lag", t, float(n)) for t, n in sorted(lag.items())]
+        rows += sinks.health_rows(at, worker_name)
+        sinks.pipeline_health.add(rows)
 
     @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
     async def list_partitions_to_commit() -> None:

@@ -147,7 +147,7 @@ def count(warehouse: Warehouse, sql: str) -> int:
 # ------------------------------------------------------------------------------- schema
 
 
-def test_create_schema_twice_creates_the_five_tables(warehouse: Warehouse) -> None:
+def test_create_schema_twice_creates_the_six_tables(warehouse: Warehouse) -> None:
     create_schema(warehouse)  # second time: must be a no-op
 
     names, rows = warehouse.query(
@@ -166,6 +166,7 @@ def test_create_schema_twice_creates_the_five_tables(warehouse: Warehouse) -> No
             "scope, key, department, window, window_end",
             "",
         ),
+        ("pipeline_health", "MergeTree", "metric, measured_at", ""),
     ]
     for table, schema in (
         ("events", EVENTS_SCHEMA),
