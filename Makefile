@@ -23,17 +23,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[embedded,dev]"
 	touch $@
 
-# The driver-level tests talk to a real (old, 18.16) ClickHouse server.
+# The driver-level tests talk to a real (old, 18.16) ClickHouse server; `csi
+# report` draws Chinese comments with a CJK font (5 MB) next to DejaVu Sans.
 system-deps:
-	@command -v clickhouse-server >/dev/null 2>&1 || { \
+	@{ command -v clickhouse-server >/dev/null 2>&1 && \
+	   [ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]; } || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq clickhouse-server >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    clickhouse-server fonts-wqy-microhei >/dev/null; }
 
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/csi dashboards check
 
 pytest: venv
 	$(BIN)/pytest -q

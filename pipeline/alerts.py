@@ -73,9 +73,9 @@ class AlertSettings:
     """Every alert default, in one place; a TOML file (CSI_ALERTS) may override any.
 
     The drop defaults are tuned by `benchmarks/evaluate_alerts.py` on simulated
-    dealers (10–60 responses a week): a 50-point CSI fall is caught in about
-    35 responses (median) at under one false alarm per dealer-year, all three
-    metrics together — the table is in docs/alerts.md.
+    dealers (4–72 responses a week): a 50-point CSI fall is caught in a median
+    36 responses at 0.70 false alarms per dealer-year, all three metrics
+    together — the table is in docs/alerts.md.
     """
 
     # drop detectors: CUSUM on per-response CSI (k and h in baseline sds)
@@ -485,7 +485,11 @@ class AlertEngine:
     def _dealer_state(self, dealer: str) -> dict[str, Any]:
         state = self.cache.get(f"alerting|{dealer}")
         if state is None:
-            return {"clock": None, "cases": [], "awaiting": {}, "sla": {}, "audits": {}}
+            # due: the next escalation time of each case that can still escalate;
+            # open: the customer's case not closed yet; awaiting: cases waiting for
+            # the customer's next response ([case_id, opened_at]) — small indexes,
+            # so an event never has to read every case of its dealer
+            return {"clock": None, "due": {}, "open": {}, "awaiting": {}, "sla": {}, "audits": {}}
         return state
 
     def _case(self, case_id: str) -> Case | None:
@@ -559,16 +563,8 @@ class AlertEngine:
         if not reasons:
             return []
         dealer, at = event.dealer_id, event.occurred_at.astimezone(UTC)
-        existing = next(
-            (
-                c
-                for case_id in state["cases"]
-                if (c := self._case(case_id)) is not None
-                and c.customer_ref == event.customer_ref
-                and c.status != "closed"
-            ),
-            None,
-        )
+        open_id = state["open"].get(event.customer_ref)
+        existing = self._case(open_id) if open_id is not None else None
         out: list[Record] = []
         if existing is not None:
             # the same customer again: one case, not two calls to one person
@@ -587,8 +583,8 @@ class AlertEngine:
                 resolve_due_at=at + timedelta(hours=self.settings.case_resolve_hours),
                 updated_at=at,
             )  # fmt: skip
-            state["cases"].append(case.case_id)
-            state["awaiting"][event.customer_ref] = case.case_id
+            state["awaiting"][event.customer_ref] = [case.case_id, at.isoformat()]
+            self._index(case, state)
             self._save_case(case, partition)
             out.append(case.snapshot())
         alert_id = stable_id("hot", event.event_id)
@@ -627,10 +623,10 @@ class AlertEngine:
     def _recovery(
         self, event: SurveyEvent | CallEvent, state: dict[str, Any], partition: int
     ) -> list[Record]:
-        case_id = state["awaiting"].get(event.customer_ref)
-        if case_id is None:
+        waiting = state["awaiting"].get(event.customer_ref)
+        if waiting is None:
             return []
-        case = self._case(case_id)
+        case = self._case(waiting[0])
         if case is None or case.source_event_id == str(event.event_id):
             return []
         if event.occurred_at <= case.opened_at:
@@ -649,29 +645,42 @@ class AlertEngine:
         self, dealer: str, state: dict[str, Any], clock: datetime, partition: int
     ) -> list[Record]:
         out: list[Record] = []
-        for case_id in list(state["cases"]):
+        for case_id, due in list(state["due"].items()):
+            if clock <= datetime.fromisoformat(due):
+                continue
             case = self._case(case_id)
             if case is None:
+                del state["due"][case_id]
                 continue
             stages = (
                 (1, "contact", case.contact_due_at, case.status == "open"),
                 (2, "resolution", case.resolve_due_at, case.status in ("open", "contacted")),
             )
-            for level, stage, due, pending in stages:
-                if pending and clock > due and case.escalation_level < level:
+            for level, stage, stage_due, pending in stages:
+                if pending and clock > stage_due and case.escalation_level < level:
                     case.escalation_level = level
                     self._change(case, f"escalated_{stage}", clock, partition, out)
-        for ref, case_id in list(state["awaiting"].items()):
-            case = self._case(case_id)
+            self._index(case, state)
+        for ref, (_, opened) in list(state["awaiting"].items()):
             # stop waiting for a recovery signal 90 days after the case opened
-            if case is None or clock - case.opened_at > timedelta(days=90):
+            if clock - datetime.fromisoformat(opened) > timedelta(days=90):
                 del state["awaiting"][ref]
-        state["cases"] = [
-            c
-            for c in state["cases"]
-            if (case := self._case(c)) is not None and case.status != "closed"
-        ]
         return out
+
+    @staticmethod
+    def _index(case: Case, state: dict[str, Any]) -> None:
+        """Keep the dealer's small indexes in step with one case."""
+        if case.status == "open" and case.escalation_level < 1:
+            state["due"][case.case_id] = case.contact_due_at.isoformat()
+        elif case.status in ("open", "contacted") and case.escalation_level < 2:
+            state["due"][case.case_id] = case.resolve_due_at.isoformat()
+        else:
+            state["due"].pop(case.case_id, None)
+        if case.status == "closed":
+            if state["open"].get(case.customer_ref) == case.case_id:
+                del state["open"][case.customer_ref]
+        else:
+            state["open"][case.customer_ref] = case.case_id
 
     def on_case_action(self, action: CaseAction, partition: int) -> list[Record]:
         """Apply one case action; InvalidEvent (a dead letter) when the case cannot take it."""
@@ -715,8 +724,7 @@ class AlertEngine:
         else:
             case.status = "contacted" if case.contacted_at else "open"
             case.resolved_at = case.closed_at = None
-            if case.case_id not in state["cases"]:
-                state["cases"].append(case.case_id)
+        self._index(case, state)
         case.action_ids = [*case.action_ids, str(action.action_id)]
         closing = case.open_hot_alerts if case.status == "closed" else []
         case.open_hot_alerts = [] if closing else case.open_hot_alerts

@@ -256,6 +256,81 @@ def cmd_case(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """The dashboards' panels rendered to PNG and HTML, from the warehouse."""
+    from datetime import UTC, datetime, timedelta
+
+    from dashboards.definitions import DASHBOARDS
+    from dashboards.macros import TimeRange
+    from dashboards.report import default_time_range, render_report
+    from pipeline.warehouse import open_warehouse
+
+    chosen: dict[str, str] = {}
+    for item in args.var:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--var {item!r}: expected NAME=VALUE, e.g. --var region=North")
+        chosen[name] = value
+    selected = [d for d in DASHBOARDS if not args.dashboard or d.uid in args.dashboard]
+    if args.dashboard and len(selected) != len(set(args.dashboard)):
+        known = ", ".join(d.uid for d in DASHBOARDS)
+        raise ValueError(f"--dashboard: unknown uid among {args.dashboard}; known: {known}")
+    warehouse = open_warehouse(_warehouse_url(args))
+    try:
+        if args.to:
+            end_day = datetime.fromisoformat(args.to).date() + timedelta(days=1)
+            end = datetime.combine(end_day, datetime.min.time(), UTC)
+            time_range = TimeRange(end - timedelta(days=args.days), end)
+        else:
+            time_range = default_time_range(warehouse, args.days)
+        written = render_report(
+            warehouse, selected, Path(args.out), time_range=time_range, chosen=chosen
+        )
+    finally:
+        warehouse.close()
+    pages = [p for p in written if p.suffix == ".html" and p.name != "index.html"]
+    charts = [p for p in written if p.suffix == ".png"]
+    print(f"csi report: {len(pages)} page(s), {len(charts)} chart(s), index.html in {args.out}")
+    return 0
+
+
+def cmd_dashboards(args: argparse.Namespace) -> int:
+    """Generate the dashboards' JSON (build/check) or upload them and the alert rules (push)."""
+    import os
+
+    from dashboards.build import build_all, check
+    from dashboards.definitions import DASHBOARDS
+    from dashboards.rules import alert_rules, provisioning_up_to_date, write_provisioning
+
+    if args.action == "build":
+        written = build_all()
+        write_provisioning()
+        print(f"wrote {len(written)} dashboard(s) and the alert-rule provisioning file")
+        return 0
+    if args.action == "check":
+        stale = check()
+        if not provisioning_up_to_date():
+            stale.append("deploy/grafana/provisioning/alerting/csi-alerts.yaml")
+        for name in stale:
+            print(f"out of date: {name} (run `csi dashboards build`)", file=sys.stderr)
+        return 1 if stale else 0
+    from dashboards.push import PushError, push
+
+    url = args.url or os.environ.get("GRAFANA_URL")
+    token = args.token or os.environ.get("GRAFANA_TOKEN")
+    if not url or not token:
+        raise ValueError(
+            "csi dashboards push needs --url and --token (or GRAFANA_URL, GRAFANA_TOKEN)"
+        )
+    try:
+        report = push(url, token, DASHBOARDS, alert_rules(), timeout=args.timeout)
+    except PushError as exc:
+        print(f"csi dashboards push: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from pipeline.warehouse import open_warehouse
 
@@ -401,6 +476,32 @@ def build_parser() -> argparse.ArgumentParser:
     case.add_argument("--at", help="when (ISO 8601 with zone; default now)")
     case.add_argument("--bootstrap", help="Kafka bootstrap servers (CSI_BOOTSTRAP)")
     case.set_defaults(func=cmd_case)
+
+    dashboards = sub.add_parser(
+        "dashboards", help="build/check the dashboards' JSON, or push them to a Grafana"
+    )
+    dashboards.add_argument("action", choices=("build", "check", "push"))
+    dashboards.add_argument("--url", help="Grafana URL (push; or GRAFANA_URL)")
+    dashboards.add_argument("--token", help="service-account token, Admin role (or GRAFANA_TOKEN)")
+    dashboards.add_argument("--timeout", type=float, default=10.0)
+    dashboards.set_defaults(func=cmd_dashboards)
+
+    report = sub.add_parser(
+        "report", help="render the dashboards' panels to PNG and HTML (no Grafana needed)"
+    )
+    report.add_argument("--out", required=True, help="directory for the HTML pages and PNGs")
+    report.add_argument("--data-dir", default=".csi")
+    report.add_argument("--warehouse", help="URL; default chdb://DATA_DIR/warehouse")
+    report.add_argument("--to", help="last day, YYYY-MM-DD (default: the newest snapshot's)")
+    report.add_argument("--days", type=int, default=90, help="days shown (default 90)")
+    report.add_argument(
+        "--var", action="append", default=[], metavar="NAME=VALUE",
+        help="a dashboard variable, e.g. --var region=North --var dealer=D017",
+    )  # fmt: skip
+    report.add_argument(
+        "--dashboard", action="append", default=[], metavar="UID", help="only these (repeatable)"
+    )
+    report.set_defaults(func=cmd_report)
 
     broker = sub.add_parser("broker", help="run only the embedded broker, with the topics")
     broker.add_argument("--data-dir", default=".csi")
