@@ -9,6 +9,7 @@ dedup by event_id, lateness and roll-ups included.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -130,11 +131,15 @@ def load_warehouse(
     numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
     numbered.sort(key=lambda item: (_occurred_at(item[1]), item[0]))
     state = BatchState()
+    # snapshots are coalesced over the whole file: every changed window is
+    # built once, from the final buckets, when the file is done
     dealer = DealerProcessor(
         state.dealers, catalogue, registry=registry, lateness_days=lateness_days,
-        alert_settings=alert_settings,
+        alert_settings=alert_settings, snapshot_interval_s=math.inf,
     )  # fmt: skip
-    rollup = RollupProcessor(state.rollups, catalogue, alert_settings=alert_settings)
+    rollup = RollupProcessor(
+        state.rollups, catalogue, alert_settings=alert_settings, snapshot_interval_s=math.inf
+    )
     sinks = SinkSet(warehouse, max_rows=100_000, max_age_s=3600.0)
     for chunk in _chunks(record_for_line(n, line) for n, line in numbered):
         started = time.monotonic()
@@ -158,6 +163,8 @@ def load_warehouse(
             + sinks.health_rows(at, "csi-load")
         )
         sinks.flush_due()
+    sinks.metric_snapshots.add(s.to_row() for s in dealer.flush_snapshots())
+    sinks.metric_snapshots.add(s.to_row() for s in rollup.flush_snapshots())
     sinks.flush_all()
     return state
 

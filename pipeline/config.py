@@ -45,6 +45,12 @@ class Settings:
     """Client-side wait after an empty fetch, for brokers that do not hold one
     (the embedded noida-db); 0 for Kafka/Redpanda, which wait themselves."""
     log_level: str = field(default_factory=lambda: _env("CSI_LOG_LEVEL", "warning"))
+    snapshot_interval_s: float = field(
+        default_factory=lambda: float(_env("CSI_SNAPSHOT_INTERVAL", "1.0"))
+    )
+    """Seconds between re-emissions of the changed windows' snapshots (coalesced
+    across batches; stretched under load so snapshots take at most a quarter
+    of the time). 0: after every batch."""
     alerts_file: Path | None = field(
         default_factory=lambda: Path(p) if (p := os.environ.get("CSI_ALERTS")) else None
     )

@@ -360,6 +360,19 @@ class Bucket:
         head = prefix + ":"
         return {k[len(head) :]: v for k, v in self.stats.items() if k.startswith(head)}
 
+    def groups(self) -> dict[str, dict[str, float]]:
+        """Every `prefix:suffix` statistic as {prefix: {suffix: value}}, in one pass
+        (what `by_suffix` gives for one prefix; figures() needs a dozen of them)."""
+        out: dict[str, dict[str, float]] = {}
+        for name, value in self.stats.items():
+            prefix, sep, suffix = name.partition(":")
+            if sep:
+                group = out.get(prefix)
+                if group is None:
+                    out[prefix] = group = {}
+                group[suffix] = value
+        return out
+
 
 def merged(buckets: Iterable[Bucket]) -> Bucket:
     total = Bucket()
@@ -428,7 +441,12 @@ class Figures:
 
 def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
     b = bucket.get
-    factor_n, factor_sum = bucket.by_suffix("factor_n"), bucket.by_suffix("factor_sum")
+    grouped = bucket.groups()
+
+    def by_suffix(prefix: str) -> dict[str, float]:
+        return grouped.get(prefix, {})
+
+    factor_n, factor_sum = by_suffix("factor_n"), by_suffix("factor_sum")
     indices = {
         f: factor_index(factor_sum.get(f, 0.0), factor_n.get(f, 0.0)) for f in catalogue.factors
     }
@@ -438,12 +456,12 @@ def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
         if factor_n.get(f)
     }
     rated = sum(factor_n.get(f, 0.0) for f in catalogue.factors)
-    servqual_n, servqual_sum = bucket.by_suffix("servqual_n"), bucket.by_suffix("servqual_sum")
+    servqual_n, servqual_sum = by_suffix("servqual_n"), by_suffix("servqual_sum")
     gaps = {
         d: servqual_sum.get(d, 0.0) / servqual_n[d] for d in RATER_DIMENSIONS if servqual_n.get(d)
     }  # a sum may net to 0 and be absent (Bucket.minus drops zeros)
-    audit_total, audit_pass = bucket.by_suffix("audit_total_w"), bucket.by_suffix("audit_pass_w")
-    loyalty_n, loyalty_high = bucket.by_suffix("loyalty_n"), bucket.by_suffix("loyalty_high")
+    audit_total, audit_pass = by_suffix("audit_total_w"), by_suffix("audit_pass_w")
+    loyalty_n, loyalty_high = by_suffix("loyalty_n"), by_suffix("loyalty_high")
     return Figures(
         n_responses=int(b("responses")),
         n_surveys=int(b("surveys")),
@@ -458,7 +476,7 @@ def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
         satisfaction_rate=percent(b("overall_satisfied"), b("overall_n")),
         satisfaction_degree=csi(degrees, catalogue.factor_weights),
         overall_n=int(b("overall_n")),
-        acsi=acsi_index(bucket, catalogue),
+        acsi=acsi_index(bucket, catalogue, grouped),
         csm=(
             csm_from_x10(sum(factor_sum.get(f, 0.0) for f in catalogue.factors) / rated)
             if rated
@@ -490,7 +508,7 @@ def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
             else None
         ),
         recovery_success=percent(b("recovered"), b("recovery_n")),
-        **complaint_durations(bucket),
+        **complaint_durations(bucket, grouped),
         loyalty_matrix={
             cell: 100.0 * loyalty_high.get(cell, 0.0) / n for cell, n in loyalty_n.items() if n
         },
@@ -504,20 +522,26 @@ def figures(bucket: Bucket, catalogue: Catalogue) -> Figures:
     )
 
 
-def acsi_index(bucket: Bucket, catalogue: Catalogue) -> float | None:
+def acsi_index(
+    bucket: Bucket, catalogue: Catalogue, grouped: dict[str, dict[str, float]] | None = None
+) -> float | None:
     """ACSI-style index (0–100): 100/9 · Σ w_i·(mean_i − 1) over overall
     satisfaction, expectation disconfirmation and comparison to the ideal,
     each on 1–10; None unless all three items have answers."""
-    n, total = bucket.by_suffix("acsi_n"), bucket.by_suffix("acsi_sum")
+    grouped = bucket.groups() if grouped is None else grouped
+    n, total = grouped.get("acsi_n", {}), grouped.get("acsi_sum", {})
     if not all(n.get(item) for item in catalogue.acsi_weights):
         return None
     return 100.0 / 9.0 * sum(w * (total[i] / n[i] - 1.0) for i, w in catalogue.acsi_weights.items())
 
 
-def complaint_durations(bucket: Bucket) -> dict[str, float | None]:
+def complaint_durations(
+    bucket: Bucket, grouped: dict[str, dict[str, float]] | None = None
+) -> dict[str, float | None]:
+    grouped = bucket.groups() if grouped is None else grouped
     out: dict[str, float | None] = {}
     for kind in ("first_response", "resolution"):
-        minutes = bucket.by_suffix(f"{kind}_min")
+        minutes = grouped.get(f"{kind}_min", {})
         for q in (50, 90):
             value = percentile(minutes, q / 100)
             out[f"{kind}_p{q}_h"] = None if value is None else value / 60.0

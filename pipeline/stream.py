@@ -139,7 +139,9 @@ class Snapshot:
 
     def flat(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in SNAPSHOT_LABELS}
-        values.update(asdict(self.figures))
+        # shallow on purpose: asdict() deep-copies every map, a third of the
+        # stream's time in a profile
+        values.update((name, getattr(self.figures, name)) for name in FIGURE_NAMES)
         return values
 
     def to_row(self) -> tuple[Any, ...]:
@@ -155,6 +157,7 @@ class Snapshot:
 
 
 SNAPSHOT_LABELS = tuple(f.name for f in fields(Snapshot) if f.name != "figures")
+FIGURE_NAMES = tuple(f.name for f in fields(Figures))
 """Every column of a snapshot row that is not a figure."""
 
 
@@ -355,20 +358,89 @@ class WindowReader:
             for first in ([min(backlog_days)] if backlog_days else [])
             for i in range((latest - first).days + 1)
         ]
+        windows_by_end: dict[date, set[str]] = {}
         for window in WINDOWS:
             ends = {e for d in changed_days for e in affected_window_ends(window, d, latest)}
             ends.update(carried_into)
-            for end in sorted(ends):
-                total = window_bucket(
-                    self.store, index_key, window, end, lambda d: self.bucket(bucket_key(d))
-                )
+            for end in ends:
+                windows_by_end.setdefault(end, set()).add(window)
+
+        def day_bucket(d: date) -> Bucket:
+            return self.bucket(bucket_key(d))
+
+        for end in sorted(windows_by_end):
+            wanted = [w for w in WINDOWS if w in windows_by_end[end]]
+            for window, total in nested_window_buckets(wanted, end, day_bucket).items():
+                start = window_start(window, end)
+                carried = carried_backlog(self.store, index_key, start, day_bucket)
+                if carried is not None:
+                    total.add("backlog_carried", carried)
                 out.append(
                     Snapshot(
-                        *labels, department, window, window_start(window, end), end,
+                        *labels, department, window, start, end,
                         figures(total, self.catalogue), now, version,
                     )
                 )  # fmt: skip
         return out
+
+
+def nested_window_buckets(
+    windows: Sequence[str], end: date, bucket: Callable[[date], Bucket]
+) -> dict[str, Bucket]:
+    """The merged days of several windows ending on the same day, in one
+    backward pass: day ⊂ 7d ⊂ 30d ⊂ 90d and the month to date are nested, so
+    the 90 days are merged once instead of once per window."""
+    lengths = {w: (end - window_start(w, end)).days + 1 for w in windows}
+    running, totals = Bucket(), {}
+    for i in range(max(lengths.values(), default=0)):
+        running.merge(bucket(end - timedelta(days=i)))
+        for window, length in lengths.items():
+            if length == i + 1:
+                totals[window] = Bucket(dict(running.stats))
+    return totals
+
+
+PendingKey = tuple[tuple[str, str, str, str], str]  # (scope, key, region, brand), department
+
+
+class PendingSnapshots:
+    """Windows to re-emit, coalesced across batches.
+
+    Recomputing a unit's windows after every batch costs more than the batch
+    itself once a batch touches a thousand dealers; instead the changed days
+    are noted here and the snapshots built at most every `interval_s` seconds
+    (and never more than a quarter of the time: the interval stretches to
+    three times the last flush's cost). `interval_s = 0` flushes every batch.
+    Snapshots are derived from the buckets, which are stored with every
+    batch, so coalescing changes when a figure shows, never what it is."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self.units: dict[PendingKey, tuple[set[date], set[date]]] = {}
+        self.last_flush = clock()
+        self.last_cost = 0.0
+
+    def note(self, key: PendingKey, days: Iterable[date], backlog_days: Iterable[date]) -> None:
+        changed, backlog = self.units.setdefault(key, (set(), set()))
+        changed.update(days)
+        backlog.update(backlog_days)
+
+    def due(self) -> bool:
+        if not self.units:
+            return False
+        if self.interval_s == 0:
+            return True
+        wait = max(self.interval_s, 3.0 * self.last_cost)
+        return self.clock() - self.last_flush >= wait
+
+    def take(self) -> dict[PendingKey, tuple[set[date], set[date]]]:
+        units, self.units = self.units, {}
+        return units
+
+    def flushed(self, started: float) -> None:
+        self.last_flush = self.clock()
+        self.last_cost = self.last_flush - started
 
 
 class DealerProcessor:
@@ -380,6 +452,7 @@ class DealerProcessor:
         registry: DealerRegistry | None = None,
         lateness_days: int = DEFAULT_LATENESS_DAYS,
         emit_snapshots: bool = True,
+        snapshot_interval_s: float = 0.0,
         alert_settings: AlertSettings | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
@@ -388,6 +461,7 @@ class DealerProcessor:
         self.registry = registry
         self.lateness_days = lateness_days
         self.emit_snapshots = emit_snapshots
+        self.pending = PendingSnapshots(snapshot_interval_s)
         self.alert_settings = alert_settings or AlertSettings()
         self.clock = clock
 
@@ -510,21 +584,44 @@ class DealerProcessor:
                         )
                     )  # fmt: skip
             if self.emit_snapshots:
-                newest = latest[latest_key("dealer", dealer_id)]
-                assert newest is not None  # a changed dealer has an event
                 unit_key = partial(dealer_bucket_key, dealer_id, department)
                 backlog_days = [
                     d for d in days if "backlog_delta" in stored[unit_key(d)].bucket.stats
                 ]
-                out.snapshots += reader.snapshots(
-                    ("dealer", dealer_id, region, brand), department, days, newest,
-                    partial(dealer_bucket_key, dealer_id, department),
-                    now, version, backlog_days,
-                )  # fmt: skip
+                self.pending.note(
+                    (("dealer", dealer_id, region, brand), department), days, backlog_days
+                )
         for key, newest_day in latest.items():
             dealer_id = key.rsplit("|", 1)[1]
             if newest_day is not None and dealer_id in partition_of:
                 self.store.put(key, {"day": newest_day.isoformat()}, partition_of[dealer_id])
+        if self.pending.due():
+            out.snapshots = self.flush_snapshots(now, version, reader)
+        return out
+
+    def flush_snapshots(
+        self,
+        now: datetime | None = None,
+        version: int | None = None,
+        reader: WindowReader | None = None,
+    ) -> list[Snapshot]:
+        """The snapshots of every window changed since the last flush."""
+        started = self.pending.clock()
+        now = now or self.clock()
+        version = version or time.time_ns()
+        reader = reader or WindowReader(self.store, self.catalogue)
+        out: list[Snapshot] = []
+        for (labels, department), (days, backlog_days) in self.pending.take().items():
+            dealer_id = labels[1]
+            newest = self._stored_day(latest_key("dealer", dealer_id))
+            if newest is None:
+                continue
+            out += reader.snapshots(
+                labels, department, days, newest,
+                partial(dealer_bucket_key, dealer_id, department),
+                now, version, backlog_days,
+            )  # fmt: skip
+        self.pending.flushed(started)
         return out
 
     def _stored_day(self, key: str) -> date | None:
@@ -759,12 +856,14 @@ class RollupProcessor:
         catalogue: Catalogue,
         *,
         emit_snapshots: bool = True,
+        snapshot_interval_s: float = 0.0,
         alert_settings: AlertSettings | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.store = store
         self.catalogue = catalogue
         self.emit_snapshots = emit_snapshots
+        self.pending = PendingSnapshots(snapshot_interval_s)
         self.alert_settings = alert_settings or AlertSettings()
         self.clock = clock
 
@@ -776,6 +875,7 @@ class RollupProcessor:
         changed: dict[tuple[str, str, str], set[date]] = {}
         backlog_changed: dict[tuple[str, str, str], set[date]] = {}
         partition_of: dict[tuple[str, str], int] = {}
+        totals_written: dict[str, int] = {}
         for partition, update in updates:
             member_key = (
                 scope_bucket_key(update.scope, update.key, update.department, update.day)
@@ -788,7 +888,7 @@ class RollupProcessor:
             # absolute values in, differences applied: a replay adds nothing
             total.merge(new.minus(Bucket.from_dict(old["stats"]) if old else Bucket()))
             self.store.put(member_key, {"stats": new.to_dict()}, partition)
-            self.store.put(total_key, {"stats": total.to_dict()}, partition)
+            totals_written[total_key] = partition  # once per batch, below
             if "backlog_delta" in new.stats or (old and "backlog_delta" in old["stats"]):
                 backlog_changed.setdefault(
                     (update.scope, update.key, update.department), set()
@@ -799,6 +899,8 @@ class RollupProcessor:
                 )  # fmt: skip
             changed.setdefault((update.scope, update.key, update.department), set()).add(update.day)
             partition_of[(update.scope, update.key)] = partition
+        for total_key, partition in totals_written.items():
+            self.store.put(total_key, {"stats": reader.bucket(total_key).to_dict()}, partition)
 
         latest: dict[tuple[str, str], date] = {}
         for (scope, key, _), days in changed.items():
@@ -813,17 +915,37 @@ class RollupProcessor:
         out = RollupOutput(alerts=self._region_drops(changed, latest, partition_of, reader))
         if not self.emit_snapshots:
             return out
-        version = time.time_ns()
-        snapshots = out.snapshots
         for (scope, key, department), days in changed.items():
             labels = (
                 scope, key, key if scope == "region" else "", key if scope == "brand" else "",
             )  # fmt: skip
-            snapshots += reader.snapshots(
-                labels, department, days, latest[(scope, key)],
+            self.pending.note(
+                (labels, department), days, backlog_changed.get((scope, key, department), ())
+            )
+        if self.pending.due():
+            out.snapshots = self.flush_snapshots(now, reader=reader)
+        return out
+
+    def flush_snapshots(
+        self, now: datetime | None = None, reader: WindowReader | None = None
+    ) -> list[Snapshot]:
+        """The snapshots of every roll-up window changed since the last flush."""
+        started = self.pending.clock()
+        now = now or self.clock()
+        version = time.time_ns()
+        reader = reader or WindowReader(self.store, self.catalogue)
+        out: list[Snapshot] = []
+        for (labels, department), (days, backlog_days) in self.pending.take().items():
+            scope, key = labels[0], labels[1]
+            stored = self.store.get(latest_key(scope, key))
+            if stored is None:
+                continue
+            out += reader.snapshots(
+                labels, department, days, date.fromisoformat(stored["day"]),
                 partial(scope_bucket_key, scope, key, department),
-                now, version, backlog_changed.get((scope, key, department), ()),
+                now, version, backlog_days,
             )  # fmt: skip
+        self.pending.flushed(started)
         return out
 
     def _region_drops(

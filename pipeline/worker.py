@@ -240,11 +240,12 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
     alert_settings = load_alert_settings(settings.alerts_file)
     processor = DealerProcessor(
         TableStore(buckets), catalogue, registry=registry, lateness_days=settings.lateness_days,
-        alert_settings=alert_settings,
+        alert_settings=alert_settings, snapshot_interval_s=settings.snapshot_interval_s,
     )  # fmt: skip
     rollup_processor = RollupProcessor(
-        TableStore(rollup_buckets), catalogue, alert_settings=alert_settings
-    )
+        TableStore(rollup_buckets), catalogue, alert_settings=alert_settings,
+        snapshot_interval_s=settings.snapshot_interval_s,
+    )  # fmt: skip
     guard = OffsetGuard()
     guard.install(app.consumer)
     log_level = logging.getLevelName(settings.log_level.upper())
@@ -369,6 +370,14 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
         for name in ("aiokafka", "kafka"):
             logging.getLogger(name).setLevel(max(logging.INFO, log_level))
 
+    @app.timer(interval=max(settings.snapshot_interval_s, 0.2))  # type: ignore[untyped-decorator]
+    async def flush_snapshots() -> None:
+        # quiet periods: changed windows still show within the interval
+        if processor.pending.due():
+            await publish_snapshots(processor.flush_snapshots())
+        if rollup_processor.pending.due():
+            await publish_snapshots(rollup_processor.flush_snapshots())
+
     @app.timer(interval=HEALTH_INTERVAL_S)  # type: ignore[untyped-decorator]
     async def record_health() -> None:
         # events/s per type, consumer lag per topic, sink latencies: the
@@ -403,8 +412,15 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode types async receivers too narrowly
     async def flush_on_shutdown(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # windows changed since the last snapshot flush go out before we stop
+        pending = [*processor.flush_snapshots(), *rollup_processor.flush_snapshots()]
+        try:
+            await publish_snapshots(pending)  # the producer still runs at this point
+        except Exception:
+            log.exception("could not publish the last snapshots to the metrics topic")
+            sinks.metric_snapshots.add(s.to_row() for s in pending)
         sinks.flush_all()
-        log.info("sinks flushed on shutdown")
+        log.info("sinks flushed on shutdown (%d pending snapshots)", len(pending))
 
     return app
 
