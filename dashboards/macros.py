@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from pipeline.warehouse import split_top_level
+
 ALL = "$__all"
 
 
@@ -40,31 +42,6 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _split_args(text: str) -> list[str]:
-    """Split macro arguments on top-level commas (parentheses and quotes respected)."""
-    args: list[str] = []
-    depth, quote, current = 0, "", ""
-    for char in text:
-        if quote:
-            current += char
-            if char == quote:
-                quote = ""
-            continue
-        if char in "'\"":
-            quote = char
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-        elif char == "," and depth == 0:
-            args.append(current.strip())
-            current = ""
-            continue
-        current += char
-    args.append(current.strip())
-    return args
-
-
 def _replace_calls(sql: str, name: str, render: Callable[[list[str]], str]) -> str:
     """Replace every `name(args…)` with render(args), matching parentheses."""
     out, pos, token = [], 0, f"{name}("
@@ -76,7 +53,7 @@ def _replace_calls(sql: str, name: str, render: Callable[[list[str]], str]) -> s
         if depth:
             raise ValueError(f"unbalanced parentheses after {name} in: {sql[start : start + 80]}")
         out.append(sql[pos:start])
-        out.append(render(_split_args(sql[start + len(token) : i - 1])))
+        out.append(render(split_top_level(sql[start + len(token) : i - 1])))
         pos = i
     out.append(sql[pos:])
     return "".join(out)

@@ -483,6 +483,8 @@ class AlertEngine:
         self.catalogue = catalogue
         self.settings = settings
         self.labels = labels
+        # a dealer's charts are loaded once per batch and written back by flush()
+        self.watches: dict[str, tuple[DropWatch, int]] = {}
 
     # -- state ------------------------------------------------------------------
 
@@ -505,6 +507,9 @@ class AlertEngine:
 
     def flush(self) -> None:
         """Write every state change of this batch to the store."""
+        for key, (watch, partition) in self.watches.items():
+            self.cache.put(key, watch.dump(), partition)
+        self.watches.clear()
         self.cache.flush()
 
     # -- events -------------------------------------------------------------------
@@ -549,14 +554,18 @@ class AlertEngine:
         inputs = drop_inputs(event, self.catalogue)
         if not inputs:
             return []
-        region, brand = self.labels(event.dealer_id)
-        watch = DropWatch("dealer", event.dealer_id, region, brand, event.department, self.settings)
-        key = watch.state_key
-        watch.load(self.cache.get(key))
+        key = f"drops|dealer|{event.dealer_id}|{event.department}"
+        if key in self.watches:
+            watch = self.watches[key][0]
+        else:
+            region, brand = self.labels(event.dealer_id)
+            watch = DropWatch(
+                "dealer", event.dealer_id, region, brand, event.department, self.settings
+            )
+            watch.load(self.cache.get(key))
+        self.watches[key] = (watch, partition)
         items = {m: (1, x, 0.0) for m, x in inputs.items()}
-        out = watch.feed(items, event.occurred_at.astimezone(UTC), str(event.event_id))
-        self.cache.put(key, watch.dump(), partition)
-        return list(out)
+        return list(watch.feed(items, event.occurred_at.astimezone(UTC), str(event.event_id)))
 
     # -- hot alerts and cases -------------------------------------------------------
 
@@ -920,7 +929,7 @@ class DropWatch:
 
     @property
     def state_key(self) -> str:
-        return f"drops|{self.scope}|{self.key}|{self.department}"
+        return f"drops|{self.scope}|{self.key}|{self.department}"  # as AlertEngine._drops
 
     def load(self, stored: dict[str, Any] | None) -> None:
         if stored:

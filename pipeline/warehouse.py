@@ -370,8 +370,10 @@ def encode_columns_json(column_values: Sequence[Sequence[Any]]) -> bytes:
     return body
 
 
-def _split_type_arguments(arguments: str) -> list[str]:
-    """Split ``"String, Map(String, UInt8), 'a,b'"`` at its top-level commas."""
+def split_top_level(arguments: str) -> list[str]:
+    """Split ``"String, Map(String, UInt8), 'a,b'"`` at its top-level commas
+    (parentheses and quotes respected): type arguments here, macro arguments in
+    `dashboards.macros`."""
     parts: list[str] = []
     depth = 0
     quote: str | None = None
@@ -405,7 +407,7 @@ def _parse_type(type_name: str) -> tuple[str, list[str]]:
     opening = type_name.find("(")
     if opening < 0 or not type_name.endswith(")"):
         return type_name, []
-    return type_name[:opening], _split_type_arguments(type_name[opening + 1 : -1])
+    return type_name[:opening], split_top_level(type_name[opening + 1 : -1])
 
 
 def _time_zone(quoted_name: str) -> tzinfo:
