@@ -503,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(func=cmd_report)
 
+    from pipeline import dlq
+
+    dlq.register(sub)
+
     broker = sub.add_parser("broker", help="run only the embedded broker, with the topics")
     broker.add_argument("--data-dir", default=".csi")
     broker.add_argument(
