@@ -503,9 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(func=cmd_report)
 
-    from pipeline import dlq
+    from pipeline import dlq, ingest_http
 
     dlq.register(sub)
+    ingest_http.register(sub)  # csi keys add|list|revoke, csi serve-http
 
     broker = sub.add_parser("broker", help="run only the embedded broker, with the topics")
     broker.add_argument("--data-dir", default=".csi")

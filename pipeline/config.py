@@ -57,5 +57,9 @@ class Settings:
     """TOML file overriding alert defaults (`pipeline.alerts.AlertSettings`)."""
     webhook_url: str | None = field(default_factory=lambda: os.environ.get("CSI_WEBHOOK_URL"))
     """Where alerts and case changes are POSTed (Slack-compatible JSON); unset: no webhook."""
+    api_keys: Path | None = field(
+        default_factory=lambda: Path(p) if (p := os.environ.get("CSI_API_KEYS")) else None
+    )
+    """Hashed dealer API keys for `csi serve-http` (`csi keys add` writes them)."""
     webhook_auth: str | None = field(default_factory=lambda: os.environ.get("CSI_WEBHOOK_AUTH"))
     """Authorization header value for the webhook, if it needs one (never logged)."""
