@@ -119,14 +119,57 @@ def _phone_match(match: re.Match[str]) -> str:
     return _phone_or_original(match.group(0))
 
 
-def scrub_personal_data(text: str) -> str:
-    """`text` with e-mail addresses replaced by "[email]" and phone numbers by "[phone]".
+# A VIN: 17 of A–Z (without I, O, Q) and digits, letters and digits both present.
+_VIN = re.compile(r"(?<![A-Za-z0-9])[A-HJ-NPR-Za-hj-npr-z0-9]{17}(?![A-Za-z0-9])")
+# Chinese plates: province character, a letter, then 5 (6 for new-energy cars)
+# letters or digits, often written with a dot or space after the letter.
+_CN_PLATE = re.compile(
+    r"[京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋蒙陕吉闽贵粤青藏川宁琼][A-Za-z]"
+    r"[·•.\s-]?[A-Za-z0-9]{4}[A-Za-z0-9挂学警港澳]{1,2}"
+)
+# The current British format ("AB12 CDE").
+_UK_PLATE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}\s?[A-Z]{3}(?![A-Za-z0-9])")
+# Any registration announced as one: "plate ABC-1234", "reg: KA 05 1234", "车牌号 A12345".
+_ANNOUNCED_PLATE = re.compile(
+    r"(?i)((?<![A-Za-z])(?:licen[cs]e\s+)?plate|(?<![A-Za-z])reg(?:istration)?(?:\s+(?:no\.?|number))?"
+    r"|车牌号?|牌照)(\s*(?:[:#：]|is|号码)?\s*)"
+    r"([A-Za-z0-9]{1,8}(?:[\s\-·][A-Za-z0-9]{1,5}){0,2})(?![A-Za-z0-9])"
+)
 
-    E-mails go first: "13812345678@163.com" is one address, not a phone number.
-    Idempotent, so a stored (already scrubbed) comment validates to itself.
+
+def _vin_or_original(match: re.Match[str]) -> str:
+    text = match.group(0)
+    has_digit = any(c.isdigit() for c in text)
+    return "[vin]" if has_digit and any(c.isalpha() for c in text) else text
+
+
+def _announced_plate(match: re.Match[str]) -> str:
+    parts = re.split(r"([\s\-·])", match.group(3))
+    rest = ""
+    # the words after the registration ("ABC-1234 was swapped") stay
+    while len(parts) > 1 and not any(c.isdigit() for c in parts[-1]) and not parts[-1].isupper():
+        rest = parts[-2] + parts[-1] + rest
+        parts = parts[:-2]
+    token = "".join(parts)
+    if not any(c.isdigit() for c in token):
+        return match.group(0)  # "plate was dirty": no registration follows
+    return f"{match.group(1)}{match.group(2)}[plate]{rest}"
+
+
+def scrub_personal_data(text: str) -> str:
+    """`text` with e-mail addresses replaced by "[email]", VINs by "[vin]",
+    number plates by "[plate]" and phone numbers by "[phone]".
+
+    E-mails go first: "13812345678@163.com" is one address, not a phone number;
+    VINs and plates before phones, whose digits they contain. Idempotent, so a
+    stored (already scrubbed) comment validates to itself.
     """
-    without_emails = _EMAIL.sub("[email]", text)
-    return _PHONE_CANDIDATE.sub(_phone_match, without_emails)
+    scrubbed = _EMAIL.sub("[email]", text)
+    scrubbed = _VIN.sub(_vin_or_original, scrubbed)
+    scrubbed = _CN_PLATE.sub("[plate]", scrubbed)
+    scrubbed = _UK_PLATE.sub("[plate]", scrubbed)
+    scrubbed = _ANNOUNCED_PLATE.sub(_announced_plate, scrubbed)
+    return _PHONE_CANDIDATE.sub(_phone_match, scrubbed)
 
 
 _PSEUDONYMOUS_REF = re.compile(r"[A-Za-z0-9_-]{8,128}")

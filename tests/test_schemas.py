@@ -1045,3 +1045,37 @@ def test_call_ratings_rule(outcome: str, ratings: dict[str, int], overall: float
         assert valid
         assert isinstance(event, CallEvent)
         assert event.carries_ratings == carries
+
+
+# --- plates and VINs (issue 7: no PII stored) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("comment", "stored"),
+    [
+        ("车牌京A12345的车洗得不干净", "车牌[plate]的车洗得不干净"),
+        ("我的车是粤B·D12345，电话13812345678", "我的车是[plate]，电话[phone]"),
+        ("车牌号 沪C88888 的保养记录不对", "车牌号 [plate] 的保养记录不对"),
+        ("VIN LSVAU2180N2183294 still rattles", "VIN [vin] still rattles"),
+        ("车架号lsvau2180n2183294有问题", "车架号[vin]有问题"),
+        ("plate ABC-1234 was swapped", "plate [plate] was swapped"),
+        ("License plate: B-XY 1234 scratched", "License plate: [plate] scratched"),
+        ("reg: KA 05 1234 please", "reg: [plate] please"),
+        ("my reg is AB12 CDE", "my reg is [plate]"),
+        # not personal data: left alone
+        ("the plate was dirty", "the plate was dirty"),
+        ("regular service was fine, 45 minutes", "regular service was fine, 45 minutes"),
+        ("invoice 1234.50 on 2026-05-01", "invoice 1234.50 on 2026-05-01"),
+        ("ABCDEFGHJKLMNPRST is just shouting", "ABCDEFGHJKLMNPRST is just shouting"),
+    ],
+)
+def test_plates_and_vins_are_scrubbed(comment: str, stored: str) -> None:
+    assert scrub_personal_data(comment) == stored
+    assert scrub_personal_data(stored) == stored  # a stored comment validates to itself
+
+
+def test_a_survey_comment_is_stored_without_the_plate() -> None:
+    payload = {**survey_payload(), "comment": "车牌京A12345，VIN LSVAU2180N2183294"}
+    survey = parse_event(json.dumps(payload))
+    assert isinstance(survey, SurveyEvent)
+    assert survey.comment == "车牌[plate]，VIN [vin]"
