@@ -11,8 +11,10 @@ the `grafana-clickhouse-datasource` plugin: `$__timeFilter` / `$__dateFilter`
 on each table's time column so the time picker works, `$__conditionalAll` for
 the "All" choice of region, brand, dealer and kind. Figures come from the
 pre-aggregated `metric_snapshots` (latest version via FINAL, filtered on the
-sorting key scope, key, department, window first); only what the snapshots do
-not hold — single answers, comments, audit items — is read from raw events.
+sorting key scope, key, department, window first, in PREWHERE); only what the
+snapshots do not hold — single answers, comments, audit items — is read from
+raw events. "Reading the tables fast" below says what goes in PREWHERE and
+why; benchmarks/dashboards_speed.py times every query on 3 years of data.
 
 Result shapes follow one convention, so `csi report` can draw every panel:
 stat → one row, the value first, then n, then the change vs the previous
@@ -106,11 +108,17 @@ ALERT_KIND = Variable("kind", "Kind", options=("drop", "hot", "complaint_sla", "
 
 # --- shared SQL pieces -------------------------------------------------------------
 
-PREVIOUS_END = """if(`window` = 'month',
-    toStartOfMonth(window_end) - 1,
-    window_end - transform(`window`, ['day', '7d', '30d', '90d'], [1, 7, 30, 90], 0))"""
-"""The end of the previous period of the same window: 30 days earlier for 30d,
-the last day of the previous month for month."""
+
+def previous_end(end: str) -> str:
+    """The end of the previous period of the same window as a period ending on
+    `end`: 30 days earlier for 30d, the last day of the previous month for month."""
+    return f"""if(`window` = 'month',
+    toStartOfMonth({end}) - 1,
+    {end} - transform(`window`, ['day', '7d', '30d', '90d'], [1, 7, 30, 90], 0))"""
+
+
+PREVIOUS_END = previous_end("window_end")
+"""The end of the previous period of the snapshot's window."""
 
 SNAPSHOT_WINDOW = """
   AND department = ${department:singlequote}
@@ -118,30 +126,44 @@ SNAPSHOT_WINDOW = """
 
 
 def unit_filter(*levels: str) -> str:
-    """WHERE conditions on metric_snapshots for the unit the variables name: the
-    most specific of `levels` (dealer, region, brand, in that order) that is not
-    "All", else the network. `$__conditionalAll(0, $v)` is 1=1 (true) when $v is
-    All and 0 otherwise. Roll-ups exist per region and per brand but not per
-    region and brand together: with both chosen the region's figures show (the
-    '' lets region rows pass a brand filter and brand rows a region filter)."""
+    """Sorting-key conditions (PREWHERE) on metric_snapshots for the unit the
+    variables name: the most specific of `levels` (dealer, region, brand, in that
+    order) that is not "All", else the network. `$__conditionalAll(0, $v)` is 1=1
+    (true) when $v is All and 0 otherwise. `unit_members` adds the region and
+    brand conditions, which are not sorting-key columns (WHERE, after FINAL)."""
     lines = ["scope = multiIf("]
     lines += [f"    NOT ($__conditionalAll(0, ${level})), '{level}'," for level in levels]
     lines.append("    'network')")
     if "dealer" in levels:
         lines.append("  AND $__conditionalAll(key = ${dealer:singlequote}, $dealer)")
-    for level in ("region", "brand"):
-        if level in levels:
-            lines.append(
-                f"  AND $__conditionalAll({level} IN (${{{level}:singlequote}}, ''), ${level})"
-            )
     return "\n".join(lines)
 
 
-DEALER_FILTER = """
-  AND $__conditionalAll(key = ${dealer:singlequote}, $dealer)
+def unit_members(*levels: str) -> str:
+    """The region and brand conditions of `unit_filter`'s unit, as AND lines.
+    Roll-ups exist per region and per brand but not per region and brand
+    together: with both chosen the region's figures show (the '' lets region
+    rows pass a brand filter and brand rows a region filter)."""
+    return "".join(
+        f"\n  AND $__conditionalAll({level} IN (${{{level}:singlequote}}, ''), ${level})"
+        for level in ("region", "brand")
+        if level in levels
+    )
+
+
+def where(conditions: str) -> str:
+    """A WHERE clause of AND lines (as the filters here are written), or nothing."""
+    return "\nWHERE " + conditions.removeprefix("\n  AND ") if conditions else ""
+
+
+DEALER_KEY = """
+  AND $__conditionalAll(key = ${dealer:singlequote}, $dealer)"""
+REGION_BRAND = """
   AND $__conditionalAll(region = ${region:singlequote}, $region)
   AND $__conditionalAll(brand = ${brand:singlequote}, $brand)"""
-"""Dealer-scope rows (snapshots, alerts) of the chosen dealer, region and brand."""
+"""Dealer-scope rows (snapshots, alerts) of the chosen dealer (DEALER_KEY: a
+sorting-key column of metric_snapshots) and of the chosen region and brand
+(REGION_BRAND: not, so WHERE, after FINAL)."""
 
 EVENT_DEALERS = """
   AND $__conditionalAll(dealer_id = ${dealer:singlequote}, $dealer)
@@ -154,11 +176,26 @@ EVENT_DEALERS = """
 """Raw events of the chosen dealers (events carry no region or brand: the
 dealers' snapshots know them)."""
 
-CASE_FILTER = """
+CASE_KEY = """
   AND department = ${department:singlequote}
-  AND $__conditionalAll(dealer_id = ${dealer:singlequote}, $dealer)
-  AND $__conditionalAll(region = ${region:singlequote}, $region)
-  AND $__conditionalAll(brand = ${brand:singlequote}, $brand)"""
+  AND $__conditionalAll(dealer_id = ${dealer:singlequote}, $dealer)"""
+"""Cases of the chosen department and dealer (with REGION_BRAND after FINAL)."""
+
+FINAL_BY_PARTITION = "SETTINGS do_not_merge_across_partitions_select_final = 1"
+"""For FINAL on the monthly partitioned tables (events, alerts): collapse versions
+within each partition only. The results are the same — ReplacingMergeTree never
+merges across partitions, and an event's copies (same occurred_at) and an alert's
+records (same detected_at) share their month — but a month held in one part is
+read without merging, and its PREWHERE skips what it does not need."""
+
+# Reading the tables fast (benchmarks/dashboards_speed.py, 3 years x 1,000 dealers):
+# conditions on columns that every version of a row shares — the sorting key of
+# metric_snapshots; event_type, dealer_id, department and occurred_at of an event;
+# an alert's detected_at, kind, scope and key; a case's opened_at, department and
+# dealer — go in PREWHERE, which FINAL applies before collapsing versions (so only
+# the matching rows are merged and only their granules' other columns are read);
+# conditions on what a newer version may change (an alert's status, region and
+# brand of a row) stay in WHERE, after FINAL.
 
 
 def _map_value(column: str, key: str) -> str:
@@ -189,8 +226,8 @@ def stat_panel(
             SELECT scope, key, window_end, {metric} AS value, {n} AS n,
                 {previous_end} AS previous_end
             FROM csi.metric_snapshots FINAL
-            WHERE {unit}{window}
-              AND $__dateFilter(window_end)
+            PREWHERE {unit}{window}
+              AND $__dateFilter(window_end){members}
             ORDER BY window_end DESC
             LIMIT 1
         )
@@ -202,8 +239,8 @@ def stat_panel(
         LEFT JOIN (
             SELECT scope, key, {metric} AS value
             FROM csi.metric_snapshots FINAL
-            WHERE {unit}{window}
-              AND window_end IN (SELECT previous_end FROM latest)
+            PREWHERE {unit}{window}
+              AND (scope, key, window_end) IN (SELECT scope, key, previous_end FROM latest){members}
         ) AS previous ON previous.scope = latest.scope AND previous.key = latest.key
         """,
         metric=metric,
@@ -212,6 +249,7 @@ def stat_panel(
         previous_end=PREVIOUS_END,
         unit=unit_filter(*levels),
         window=SNAPSHOT_WINDOW,
+        members=where(unit_members(*levels)),
     )
     return Panel(
         title,
@@ -238,19 +276,40 @@ _OVERVIEW_UNIT = (
 )
 _CSI_THRESHOLDS = ((750.0, "orange"), (800.0, "green"))
 
+
+def _latest_per_dealer(columns: str, dealers: str = "") -> str:
+    """Each dealer's latest snapshot in the range (window and department from the
+    variables) as `columns`: the (key, window_end) of the newest row that passes
+    the filters (latest versions), then only those rows with their figures, so
+    that the wide columns are read for one row per dealer, not for the range.
+    `dealers` adds AND lines on key (PREWHERE); region and brand from the
+    variables filter the latest versions."""
+    return _sql(
+        """
+        SELECT {columns}
+        FROM csi.metric_snapshots FINAL
+        PREWHERE scope = 'dealer'{window}
+          AND (key, window_end) IN (
+              SELECT key, max(window_end)
+              FROM csi.metric_snapshots FINAL
+              PREWHERE scope = 'dealer'{window}
+                AND $__dateFilter(window_end){dealers}{members}
+              GROUP BY key)
+        """,
+        columns=columns,
+        window=SNAPSHOT_WINDOW,
+        dealers=dealers,
+        members=where(REGION_BRAND),
+    )
+
+
+# Each dealer's latest snapshot in the range and the one of the previous period,
+# read in one pass: the (key, window_end) of the latest (as in _latest_per_dealer)
+# and of the previous period's end, then per dealer the figures of the newer row
+# and the CSI of the older one, if there is one (a tuple: argMax/argMin would skip
+# a NULL CSI).
 LEAGUE_TABLE_SQL = _sql(
     """
-    WITH latest AS (
-        SELECT key, region, window_end, csi, factors, n_responses,
-            {previous_end} AS previous_end
-        FROM csi.metric_snapshots FINAL
-        WHERE scope = 'dealer'{window}
-          AND $__dateFilter(window_end)
-          AND $__conditionalAll(region = ${region:singlequote}, $region)
-          AND $__conditionalAll(brand = ${brand:singlequote}, $brand)
-        ORDER BY window_end DESC
-        LIMIT 1 BY key
-    )
     SELECT
         rank() OVER (ORDER BY latest.csi DESC) AS rank,
         latest.key AS dealer,
@@ -258,30 +317,51 @@ LEAGUE_TABLE_SQL = _sql(
         latest.csi AS csi,
         {factors},
         latest.n_responses AS n,
-        latest.csi - previous.csi AS change,
+        latest.csi - latest.previous_csi AS change,
         alerts.open_alerts AS open_alerts
-    FROM latest
-    LEFT JOIN (
-        SELECT key, window_end, csi
-        FROM csi.metric_snapshots FINAL
-        WHERE scope = 'dealer'{window}
-          AND key IN (SELECT key FROM latest)
-          AND window_end IN (SELECT previous_end FROM latest)
-    ) AS previous ON previous.key = latest.key AND previous.window_end = latest.previous_end
+    FROM (
+        SELECT
+            key,
+            toLowCardinality(newest.1) AS region,
+            newest.2 AS csi,
+            newest.3 AS factors,
+            newest.4 AS n_responses,
+            previous_csi
+        FROM (
+            SELECT
+                key,
+                argMax((region, csi, factors, n_responses), window_end) AS newest,
+                if(count() > 1, argMin(tuple(csi), window_end).1, NULL) AS previous_csi
+            FROM csi.metric_snapshots FINAL
+            PREWHERE scope = 'dealer'{window}
+              AND (key, window_end) IN (
+                  SELECT key, arrayJoin([latest_end, {previous_end}])
+                  FROM (
+                      SELECT key, `window`, max(window_end) AS latest_end
+                      FROM csi.metric_snapshots FINAL
+                      PREWHERE scope = 'dealer'{window}
+                        AND $__dateFilter(window_end){members}
+                      GROUP BY key, `window`))
+            GROUP BY key
+        )
+    ) AS latest
     LEFT JOIN (
         SELECT key, count() AS open_alerts
         FROM csi.alerts FINAL
-        WHERE scope = 'dealer'
-          AND status = 'open'
-          AND department = ${department:singlequote}
+        PREWHERE scope = 'dealer'
           AND detected_at <= $__toTime
+        WHERE status = 'open'
+          AND department = ${department:singlequote}
         GROUP BY key
     ) AS alerts ON alerts.key = latest.key
     ORDER BY rank, dealer
+    {final_by_partition}
     """,
-    previous_end=PREVIOUS_END,
     window=SNAPSHOT_WINDOW,
+    previous_end=previous_end("latest_end"),
+    members=where(REGION_BRAND),
     factors=",\n".join(f"{_map_value('latest.factors', f)} AS {f}" for f in FACTORS),
+    final_by_partition=FINAL_BY_PARTITION,
 )
 
 NETWORK_OVERVIEW = Dashboard(
@@ -369,7 +449,7 @@ NETWORK_OVERVIEW = Dashboard(
                     if(scope = 'network', 'Network', key) AS region,
                     csi AS value
                 FROM csi.metric_snapshots FINAL
-                WHERE scope IN ('region', 'network'){window}
+                PREWHERE scope IN ('region', 'network'){window}
                   AND $__dateFilter(window_end)
                   AND (scope = 'network' OR $__conditionalAll(key = ${region:singlequote}, $region))
                 ORDER BY time, region
@@ -395,7 +475,7 @@ NETWORK_OVERVIEW = Dashboard(
                 FROM (
                     SELECT key AS region, csi
                     FROM csi.metric_snapshots FINAL
-                    WHERE scope = 'region'{window}
+                    PREWHERE scope = 'region'{window}
                       AND $__dateFilter(window_end)
                       AND $__conditionalAll(key = ${region:singlequote}, $region)
                     ORDER BY window_end DESC
@@ -436,7 +516,7 @@ NETWORK_OVERVIEW = Dashboard(
 
 _DEALER_OR_NETWORK = _sql(
     """
-    WHERE ((scope = 'dealer' AND key = ${dealer:singlequote}) OR scope = 'network'){window}
+    PREWHERE ((scope = 'dealer' AND key = ${dealer:singlequote}) OR scope = 'network'){window}
       AND $__dateFilter(window_end)
     """,
     window=SNAPSHOT_WINDOW,
@@ -565,7 +645,7 @@ DEALER_DRILLDOWN = Dashboard(
                     maxIf(csi, scope = 'region') AS region_csi,
                     maxIf(csi, scope = 'network') AS network_csi
                 FROM csi.metric_snapshots FINAL
-                WHERE (
+                PREWHERE (
                         (scope = 'dealer' AND key = ${dealer:singlequote})
                      OR (scope = 'region' AND key IN (
                             SELECT region FROM csi.metric_snapshots
@@ -598,14 +678,14 @@ DEALER_DRILLDOWN = Dashboard(
                         factor_index AS value
                     FROM csi.metric_snapshots FINAL
                     ARRAY JOIN mapKeys(factors) AS factor, mapValues(factors) AS factor_index
-                    WHERE scope = 'dealer'
+                    PREWHERE scope = 'dealer'
                       AND key = ${dealer:singlequote}{window}
                       AND $__dateFilter(window_end)
                     UNION ALL
                     SELECT toDateTime(window_end, 'UTC') AS time, 'network CSI' AS series,
                         csi AS value
                     FROM csi.metric_snapshots FINAL
-                    WHERE scope = 'network'{window}
+                    PREWHERE scope = 'network'{window}
                       AND $__dateFilter(window_end)
                 )
                 ORDER BY time, series
@@ -641,14 +721,16 @@ DEALER_DRILLDOWN = Dashboard(
                                - JSONExtractFloat(payload, 'scale', 'min')) AS rating10
                     FROM csi.events FINAL
                     ARRAY JOIN JSONExtractKeysAndValues(payload, 'ratings', 'Float64') AS rating
-                    WHERE event_type = 'survey'
+                    PREWHERE event_type = 'survey'
                       AND dealer_id = ${dealer:singlequote}
                       AND department = ${department:singlequote}
                       AND $__timeFilter(occurred_at)
                 )
                 GROUP BY time, attribute
                 ORDER BY time, attribute
-                """
+                {final_by_partition}
+                """,
+                final_by_partition=FINAL_BY_PARTITION,
             ),
             ("time", "attribute", "value"),
             w=24,
@@ -710,7 +792,7 @@ DEALER_DRILLDOWN = Dashboard(
                 FROM (
                     SELECT loyalty_matrix, loyalty_n
                     FROM csi.metric_snapshots FINAL
-                    WHERE scope = 'dealer'
+                    PREWHERE scope = 'dealer'
                       AND key = ${dealer:singlequote}{window}
                       AND $__dateFilter(window_end)
                     ORDER BY window_end DESC
@@ -774,15 +856,17 @@ DEALER_DRILLDOWN = Dashboard(
                     JSONExtractString(payload, 'comment') AS comment,
                     customer_ref
                 FROM csi.events FINAL
-                WHERE event_type = 'survey'
+                PREWHERE event_type = 'survey'
                   AND dealer_id = ${dealer:singlequote}
                   AND department = ${department:singlequote}
                   AND $__timeFilter(occurred_at)
-                  AND recommend <= 6
+                WHERE recommend <= 6
                   AND comment != ''
                 ORDER BY time DESC
                 LIMIT 50
-                """
+                {final_by_partition}
+                """,
+                final_by_partition=FINAL_BY_PARTITION,
             ),
             ("time", "recommend", "overall", "channel", "comment", "customer_ref"),
             w=16,
@@ -798,6 +882,7 @@ DEALER_DRILLDOWN = Dashboard(
 # --- 3. complaints and cases ----------------------------------------------------------
 
 _COMPLAINTS_UNIT = unit_filter("dealer", "region", "brand")
+_COMPLAINTS_MEMBERS = where(unit_members("dealer", "region", "brand"))
 _UNIT_NOTE = " For the chosen dealer, else the region, else the brand, else the whole network."
 
 
@@ -809,13 +894,14 @@ def _complaint_durations(kind: str) -> str:
             {kind}_p50_h AS p50,
             {kind}_p90_h AS p90
         FROM csi.metric_snapshots FINAL
-        WHERE {unit}{window}
-          AND $__dateFilter(window_end)
+        PREWHERE {unit}{window}
+          AND $__dateFilter(window_end){members}
         ORDER BY time
         """,
         kind=kind,
         unit=_COMPLAINTS_UNIT,
         window=SNAPSHOT_WINDOW,
+        members=_COMPLAINTS_MEMBERS,
     )
 
 
@@ -841,13 +927,14 @@ COMPLAINTS_CASES = Dashboard(
                     complaints_backlog AS open_backlog,
                     complaints_opened AS opened
                 FROM csi.metric_snapshots FINAL
-                WHERE {unit}
+                PREWHERE {unit}
                   AND department = ${department:singlequote}
                   AND `window` = 'day'
-                  AND $__dateFilter(window_end)
+                  AND $__dateFilter(window_end){members}
                 ORDER BY time
                 """,
                 unit=_COMPLAINTS_UNIT,
+                members=_COMPLAINTS_MEMBERS,
             ),
             ("time", "open_backlog", "opened"),
             w=12,
@@ -874,11 +961,12 @@ COMPLAINTS_CASES = Dashboard(
                          countIf(status = 'resolved' AND escalation_level > 0),
                          countIf(status = 'closed' AND escalation_level > 0)] AS escalated_by_stage
                     FROM csi.cases FINAL
-                    WHERE $__timeFilter(opened_at){cases}
+                    PREWHERE $__timeFilter(opened_at){cases}{members}
                 )
                 ARRAY JOIN {stages} AS stage, by_stage AS cases, escalated_by_stage AS escalated
                 """,
-                cases=CASE_FILTER,
+                cases=CASE_KEY,
+                members=where(REGION_BRAND),
                 stages=_STAGES,
             ),
             ("stage", "cases", "escalated"),
@@ -932,14 +1020,17 @@ COMPLAINTS_CASES = Dashboard(
                     round(`current`, 1) AS hours,
                     message
                 FROM csi.alerts FINAL
-                WHERE kind = 'complaint_sla'
-                  AND status = 'open'
+                PREWHERE kind = 'complaint_sla'
                   AND scope = 'dealer'
-                  AND detected_at <= $__toTime
-                  AND department = ${department:singlequote}{dealers}
+                  AND detected_at <= $__toTime{dealer}
+                WHERE status = 'open'
+                  AND department = ${department:singlequote}{members}
                 ORDER BY time
+                {final_by_partition}
                 """,
-                dealers=DEALER_FILTER,
+                dealer=DEALER_KEY,
+                members=REGION_BRAND,
+                final_by_partition=FINAL_BY_PARTITION,
             ),
             ("time", "dealer", "region", "overdue", "hours", "message"),
             w=16,
@@ -961,8 +1052,8 @@ COMPLAINTS_CASES = Dashboard(
                         'complaints closed satisfied' AS series,
                         recovery_success AS value
                     FROM csi.metric_snapshots FINAL
-                    WHERE {unit}{window}
-                      AND $__dateFilter(window_end)
+                    PREWHERE {unit}{window}
+                      AND $__dateFilter(window_end){members}
                     UNION ALL
                     SELECT
                         toDateTime(toMonday(opened_at), 'UTC') AS time,
@@ -970,15 +1061,17 @@ COMPLAINTS_CASES = Dashboard(
                         100 * countIf(recovery = 'recovered')
                             / countIf(recovery != 'pending') AS value
                     FROM csi.cases FINAL
-                    WHERE $__timeFilter(opened_at){cases}
+                    PREWHERE $__timeFilter(opened_at){cases}{case_members}
                     GROUP BY time
                     HAVING countIf(recovery != 'pending') > 0
                 )
                 ORDER BY time, series
                 """,
                 unit=_COMPLAINTS_UNIT,
+                members=_COMPLAINTS_MEMBERS,
                 window=SNAPSHOT_WINDOW,
-                cases=CASE_FILTER,
+                cases=CASE_KEY,
+                case_members=where(REGION_BRAND),
             ),
             ("time", "series", "value"),
             w=8,
@@ -1000,21 +1093,28 @@ _MYSTERY_UNIT = _sql(
     """
     SELECT window_end, mystery_shop_score, mystery_shop_sections
     FROM csi.metric_snapshots FINAL
-    WHERE {unit}{window}
-      AND $__dateFilter(window_end)
+    PREWHERE {unit}{window}
+      AND $__dateFilter(window_end){members}
     """,
     unit=_COMPLAINTS_UNIT,
     window=SNAPSHOT_WINDOW,
+    members=_COMPLAINTS_MEMBERS,
 )
 _MYSTERY_NETWORK = _sql(
     """
     SELECT window_end, mystery_shop_score, mystery_shop_sections
     FROM csi.metric_snapshots FINAL
-    WHERE scope = 'network'{window}
+    PREWHERE scope = 'network'{window}
       AND $__dateFilter(window_end)
     """,
     window=SNAPSHOT_WINDOW,
 )
+
+AUDIT_ITEMS = (
+    "JSONExtract(payload, 'items', "
+    "'Array(Tuple(code String, section String, weight Float64, result String, mandatory UInt8))')"
+)
+"""A mystery shop's checklist items, parsed once per audit (not once per field)."""
 
 MYSTERY_SHOP = Dashboard(
     uid="csi-mystery-shop",
@@ -1033,18 +1133,14 @@ MYSTERY_SHOP = Dashboard(
                 """
                 SELECT dealer, score
                 FROM (
-                    SELECT key AS dealer, mystery_shop_score AS score
-                    FROM csi.metric_snapshots FINAL
-                    WHERE scope = 'dealer'{window}
-                      AND $__dateFilter(window_end){dealers}
-                    ORDER BY window_end DESC
-                    LIMIT 1 BY key
+                    {latest}
                 )
                 WHERE score IS NOT NULL
                 ORDER BY score DESC, dealer
                 """,
-                window=SNAPSHOT_WINDOW,
-                dealers=DEALER_FILTER,
+                latest=_latest_per_dealer(
+                    "key AS dealer, mystery_shop_score AS score", dealers=DEALER_KEY
+                ),
             ),
             ("dealer", "score"),
             w=12,
@@ -1141,21 +1237,24 @@ MYSTERY_SHOP = Dashboard(
             _sql(
                 """
                 SELECT
-                    JSONExtractString(item, 'code') AS code,
-                    JSONExtractString(item, 'section') AS section,
-                    JSONExtractBool(item, 'mandatory') AS mandatory,
+                    item.code AS code,
+                    item.section AS section,
+                    item.mandatory AS mandatory,
                     count() AS failures,
                     uniqExact(dealer_id) AS dealers
                 FROM csi.events FINAL
-                ARRAY JOIN JSONExtractArrayRaw(payload, 'items') AS item
-                WHERE event_type = 'mystery_shop'
+                ARRAY JOIN {items} AS item
+                PREWHERE event_type = 'mystery_shop'
                   AND department = ${department:singlequote}
                   AND $__timeFilter(occurred_at){dealers}
-                  AND JSONExtractString(item, 'result') = 'fail'
+                WHERE item.result = 'fail'
                 GROUP BY code, section, mandatory
                 ORDER BY mandatory DESC, failures DESC, code
+                {final_by_partition}
                 """,
+                items=AUDIT_ITEMS,
                 dealers=EVENT_DEALERS,
+                final_by_partition=FINAL_BY_PARTITION,
             ),
             ("code", "section", "mandatory", "failures", "dealers"),
             w=14,
@@ -1170,27 +1269,26 @@ MYSTERY_SHOP = Dashboard(
             "table",
             _sql(
                 """
-                WITH JSONExtractArrayRaw(payload, 'items') AS items
+                WITH {items} AS items
                 SELECT
                     occurred_at AS time,
                     dealer_id AS dealer,
                     JSONExtractString(payload, 'scenario') AS scenario,
-                    100 * arraySum(i -> JSONExtractFloat(i, 'weight')
-                                        * (JSONExtractString(i, 'result') = 'pass'), items)
-                        / nullIf(arraySum(i -> JSONExtractFloat(i, 'weight')
-                                        * (JSONExtractString(i, 'result') != 'na'), items), 0)
+                    100 * arraySum(i -> i.weight * (i.result = 'pass'), items)
+                        / nullIf(arraySum(i -> i.weight * (i.result != 'na'), items), 0)
                         AS score,
                     JSONExtract(payload, 'pass_mark', 'Nullable(Float64)') AS pass_mark,
-                    arrayCount(i -> JSONExtractBool(i, 'mandatory')
-                                    AND JSONExtractString(i, 'result') = 'fail', items)
-                        AS mandatory_failed
+                    arrayCount(i -> i.mandatory AND i.result = 'fail', items) AS mandatory_failed
                 FROM csi.events FINAL
-                WHERE event_type = 'mystery_shop'
+                PREWHERE event_type = 'mystery_shop'
                   AND department = ${department:singlequote}
                   AND $__timeFilter(occurred_at){dealers}
                 ORDER BY time DESC
+                {final_by_partition}
                 """,
+                items=AUDIT_ITEMS,
                 dealers=EVENT_DEALERS,
+                final_by_partition=FINAL_BY_PARTITION,
             ),
             ("time", "dealer", "scenario", "score", "pass_mark", "mandatory_failed"),
             w=24,
@@ -1206,14 +1304,16 @@ MYSTERY_SHOP = Dashboard(
 
 # --- 5. alerts ------------------------------------------------------------------------------
 
-ALERT_FILTER = """
-  AND $__conditionalAll(department = ${department:singlequote}, $department)
+ALERT_KEY = """
   AND $__conditionalAll(kind = ${kind:singlequote}, $kind)
-  AND $__conditionalAll(scope = 'dealer' AND key = ${dealer:singlequote}, $dealer)
+  AND $__conditionalAll(scope = 'dealer' AND key = ${dealer:singlequote}, $dealer)"""
+ALERT_MEMBERS = """
+  AND $__conditionalAll(department = ${department:singlequote}, $department)
   AND $__conditionalAll(region = ${region:singlequote}, $region)
   AND $__conditionalAll(brand = ${brand:singlequote}, $brand)"""
-"""Alerts of the chosen department, kind, dealer, region and brand (region
-alerts have no brand, so a chosen brand shows dealer alerts only)."""
+"""Alerts of the chosen kind and dealer (ALERT_KEY: every record of an alert has
+them, PREWHERE) and department, region and brand (ALERT_MEMBERS, WHERE); region
+alerts have no brand, so a chosen brand shows dealer alerts only."""
 
 ALERTS = Dashboard(
     uid="csi-alerts",
@@ -1236,11 +1336,14 @@ ALERTS = Dashboard(
                     countIf(status = 'closed' AND $__timeFilter(updated_at)) AS closed,
                     countIf(status = 'open') AS still_open
                 FROM csi.alerts FINAL
-                WHERE detected_at <= $__toTime{alerts}
+                PREWHERE detected_at <= $__toTime{alerts}{members}
                 GROUP BY kind
                 ORDER BY kind
+                {final_by_partition}
                 """,
-                alerts=ALERT_FILTER,
+                alerts=ALERT_KEY,
+                members=where(ALERT_MEMBERS),
+                final_by_partition=FINAL_BY_PARTITION,
             ),
             ("kind", "opened", "closed", "still_open"),
             w=8,
@@ -1258,11 +1361,14 @@ ALERTS = Dashboard(
                 """
                 SELECT $__timeInterval(detected_at) AS time, kind, count() AS value
                 FROM csi.alerts FINAL
-                WHERE $__timeFilter(detected_at){alerts}
+                PREWHERE $__timeFilter(detected_at){alerts}{members}
                 GROUP BY time, kind
                 ORDER BY time, kind
+                {final_by_partition}
                 """,
-                alerts=ALERT_FILTER,
+                alerts=ALERT_KEY,
+                members=where(ALERT_MEMBERS),
+                final_by_partition=FINAL_BY_PARTITION,
             ),
             ("time", "kind", "value"),
             w=16,
@@ -1287,11 +1393,14 @@ ALERTS = Dashboard(
                     n,
                     message
                 FROM csi.alerts FINAL
-                WHERE status = 'open'
-                  AND detected_at <= $__toTime{alerts}
+                PREWHERE detected_at <= $__toTime{alerts}
+                WHERE status = 'open'{members}
                 ORDER BY time DESC
+                {final_by_partition}
                 """,
-                alerts=ALERT_FILTER,
+                alerts=ALERT_KEY,
+                members=ALERT_MEMBERS,
+                final_by_partition=FINAL_BY_PARTITION,
             ),
             ("time", "kind", "scope", "unit", "metric", "n", "message"),
             w=24,
@@ -1313,11 +1422,15 @@ ALERTS = Dashboard(
                     key AS unit,
                     message
                 FROM csi.alerts FINAL
-                WHERE $__timeFilter(updated_at){alerts}
+                PREWHERE detected_at <= $__toTime{alerts}
+                WHERE $__timeFilter(updated_at){members}
                 ORDER BY time DESC
                 LIMIT 200
+                {final_by_partition}
                 """,
-                alerts=ALERT_FILTER,
+                alerts=ALERT_KEY,
+                members=ALERT_MEMBERS,
+                final_by_partition=FINAL_BY_PARTITION,
             ),
             ("time", "status", "kind", "unit", "message"),
             w=14,
@@ -1339,13 +1452,16 @@ ALERTS = Dashboard(
                     countIf(status = 'closed' AND $__timeFilter(updated_at)) AS closed,
                     countIf(status = 'open') AS still_open
                 FROM csi.alerts FINAL
-                WHERE scope = 'dealer'
-                  AND detected_at <= $__toTime{alerts}
+                PREWHERE scope = 'dealer'
+                  AND detected_at <= $__toTime{alerts}{members}
                 GROUP BY dealer, kind
                 HAVING opened + closed + still_open > 0
                 ORDER BY still_open DESC, opened DESC, dealer, kind
+                {final_by_partition}
                 """,
-                alerts=ALERT_FILTER,
+                alerts=ALERT_KEY,
+                members=where(ALERT_MEMBERS),
+                final_by_partition=FINAL_BY_PARTITION,
             ),
             ("dealer", "kind", "opened", "closed", "still_open"),
             w=10,
