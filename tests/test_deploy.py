@@ -67,6 +67,7 @@ BUILT = {"topics", "worker", "simulator"}
 NOT_FOR_THE_WORKER = {
     "CSI_BROKER_KIND": "chooses the embedded broker, which the stack does not run",
     "CSI_FETCH_HOLD_MS": "only for the embedded broker; Kafka holds empty fetches itself",
+    "CSI_API_KEYS": "read by `csi serve-http` (the HTTP ingestion endpoint), not by the worker",
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|CREDENTIAL|_KEY$")
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
