@@ -1360,7 +1360,10 @@ class Query:
 class Timing:
     query: Query
     runs_ms: list[float] = field(default_factory=list)
-    """The first (cold) run, then the warm ones."""
+    """Wall time of the first (cold) run, then of the warm ones."""
+    cpu_ms: list[float] = field(default_factory=list)
+    """CPU time of this process (ClickHouse's threads included) in the same runs: less
+    inflated than wall time when other processes compete for the cores."""
     rows: int = 0
     error: str | None = None
 
@@ -1465,13 +1468,14 @@ def measure(warehouse: Warehouse, todo: Sequence[Query], runs: int) -> list[Timi
         for timing in timings:
             if timing.error is not None:
                 continue
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             try:
                 _, rows = warehouse.query(timing.query.sql)
             except Exception as error:  # report the panel, keep measuring the others
                 timing.error = str(error).splitlines()[0][:300]
                 continue
             timing.runs_ms.append((time.perf_counter() - began) * 1000)
+            timing.cpu_ms.append((time.process_time() - began_cpu) * 1000)
             timing.rows = len(rows)
     return timings
 
@@ -1537,10 +1541,13 @@ def print_summary(timings: Sequence[Timing], label: str) -> float:
     runs = panel_runs(timings)
     p95 = percentile(runs, 0.95)
     cold = [t.cold_ms for t in timings if t.query.is_panel and t.runs_ms]
+    cpu = [ms for t in timings if t.query.is_panel for ms in t.cpu_ms[1:]]
     print(
         f"\n{label}: {len(runs)} warm panel runs: median {_ms(statistics.median(runs))} ms, "
         f"p95 {_ms(p95)} ms, max {_ms(max(runs))} ms; cold runs: median "
-        f"{_ms(statistics.median(cold))} ms, max {_ms(max(cold))} ms"
+        f"{_ms(statistics.median(cold))} ms, max {_ms(max(cold))} ms; CPU time of the warm "
+        f"runs (both cores): median {_ms(statistics.median(cpu))} ms, "
+        f"p95 {_ms(percentile(cpu, 0.95))} ms"
     )
     slowest = sorted(
         (t for t in timings if t.query.is_panel and t.warm_ms),

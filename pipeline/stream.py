@@ -443,7 +443,29 @@ class PendingSnapshots:
         self.last_cost = self.last_flush - started
 
 
-class DealerProcessor:
+class _Processor:
+    """What both processors hold: the state, the questionnaire, the snapshots
+    waiting to be emitted, the alert settings and the clock."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        catalogue: Catalogue,
+        *,
+        emit_snapshots: bool = True,
+        snapshot_interval_s: float = 0.0,
+        alert_settings: AlertSettings | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.store = store
+        self.catalogue = catalogue
+        self.emit_snapshots = emit_snapshots
+        self.pending = PendingSnapshots(snapshot_interval_s)
+        self.alert_settings = alert_settings or AlertSettings()
+        self.clock = clock
+
+
+class DealerProcessor(_Processor):
     def __init__(
         self,
         store: StateStore,
@@ -456,14 +478,12 @@ class DealerProcessor:
         alert_settings: AlertSettings | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
-        self.store = store
-        self.catalogue = catalogue
+        super().__init__(
+            store, catalogue, emit_snapshots=emit_snapshots,
+            snapshot_interval_s=snapshot_interval_s, alert_settings=alert_settings, clock=clock,
+        )  # fmt: skip
         self.registry = registry
         self.lateness_days = lateness_days
-        self.emit_snapshots = emit_snapshots
-        self.pending = PendingSnapshots(snapshot_interval_s)
-        self.alert_settings = alert_settings or AlertSettings()
-        self.clock = clock
 
     def validate(self, record: RawRecord) -> AnyEvent:
         """The event in `record`, or InvalidEvent saying why it cannot be used."""
@@ -847,25 +867,8 @@ def carried_backlog(
     return sum(bucket(d).get("backlog_delta") for d in earlier)
 
 
-class RollupProcessor:
+class RollupProcessor(_Processor):
     """Region, brand and network buckets from dealer-day updates."""
-
-    def __init__(
-        self,
-        store: StateStore,
-        catalogue: Catalogue,
-        *,
-        emit_snapshots: bool = True,
-        snapshot_interval_s: float = 0.0,
-        alert_settings: AlertSettings | None = None,
-        clock: Callable[[], datetime] = _utcnow,
-    ) -> None:
-        self.store = store
-        self.catalogue = catalogue
-        self.emit_snapshots = emit_snapshots
-        self.pending = PendingSnapshots(snapshot_interval_s)
-        self.alert_settings = alert_settings or AlertSettings()
-        self.clock = clock
 
     def process(self, updates: Sequence[tuple[int, RollupUpdate]]) -> RollupOutput:
         """`updates`: (source partition, update) in arrival order."""
