@@ -1121,10 +1121,8 @@ def health_sql(shape: Shape) -> str:
 # --- suggested table changes (--with-suggested-schema) --------------------------------------
 
 SUGGESTED_ORDER_BY: dict[str, tuple[str, str]] = {
-    "metric_snapshots": (
-        "ORDER BY (scope, key, department, `window`, window_end)",
-        "ORDER BY (scope, department, `window`, window_end, key)",
-    ),
+    # metric_snapshots' suggested key, (scope, department, window, window_end, key),
+    # is in pipeline/warehouse.py since 2026-11-23
     "events": (
         "ORDER BY event_id",
         "ORDER BY (event_type, dealer_id, occurred_at, event_id)",
@@ -1132,7 +1130,7 @@ SUGGESTED_ORDER_BY: dict[str, tuple[str, str]] = {
 }
 """Sorting keys suggested for pipeline/warehouse.py (table: (now, suggested)).
 
-metric_snapshots: a day's rows of all dealers side by side, so the league table
+metric_snapshots (adopted in pipeline/warehouse.py): a day's rows of all dealers side by side, so the league table
 and the score by dealer read one granule per day instead of one per dealer (a
 dealer's time series reads one granule per ~8 days instead of a few in all).
 events: a dealer's surveys and all mystery shops side by side, so the drill-down

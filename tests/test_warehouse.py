@@ -163,7 +163,7 @@ def test_create_schema_twice_creates_the_six_tables(warehouse: Warehouse) -> Non
         (
             "metric_snapshots",
             "ReplacingMergeTree",
-            "scope, key, department, window, window_end",
+            "scope, department, window, window_end, key",
             "",
         ),
         ("pipeline_health", "MergeTree", "metric, measured_at", ""),
