@@ -1130,9 +1130,10 @@ SUGGESTED_ORDER_BY: dict[str, tuple[str, str]] = {
 }
 """Sorting keys suggested for pipeline/warehouse.py (table: (now, suggested)).
 
-metric_snapshots (adopted in pipeline/warehouse.py): a day's rows of all dealers side by side, so the league table
-and the score by dealer read one granule per day instead of one per dealer (a
-dealer's time series reads one granule per ~8 days instead of a few in all).
+metric_snapshots (adopted in pipeline/warehouse.py): a day's rows of all dealers
+side by side, so the league table and the score by dealer read one granule per
+day instead of one per dealer (a dealer's time series reads one granule per ~8
+days instead of a few in all).
 events: a dealer's surveys and all mystery shops side by side, so the drill-down
 and the mystery-shop panels read their own events instead of every event of the
 range. Both keep what ReplacingMergeTree collapses: the new key holds the same
