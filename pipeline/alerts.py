@@ -521,11 +521,7 @@ class AlertEngine:
         out: list[Record] = []
         # The dealer's clock moves first, so what fell due before this event is
         # seen as overdue even when this event is the late response itself.
-        clock = event.occurred_at.astimezone(UTC)
-        if state["clock"] is None or clock > datetime.fromisoformat(state["clock"]):
-            state["clock"] = clock.isoformat()
-            out += self._overdue(dealer, state, clock, partition)
-            out += self._sla_overdue(dealer, state, clock)
+        out += self._advance_clock(dealer, state, event.occurred_at.astimezone(UTC), partition)
         if isinstance(event, SurveyEvent | CallEvent):
             out += self._drops(event, partition)
             out += self._recovery(event, state, partition)
@@ -536,6 +532,18 @@ class AlertEngine:
             out += self._audit(event, state)
         self.cache.put(f"alerting|{dealer}", state, partition)
         return out
+
+    def _advance_clock(
+        self, dealer: str, state: dict[str, Any], clock: datetime, partition: int
+    ) -> list[Record]:
+        """Move the dealer's event clock forward; what fell due before it shows now."""
+        if state["clock"] is not None and clock <= datetime.fromisoformat(state["clock"]):
+            return []
+        state["clock"] = clock.isoformat()
+        return [
+            *self._overdue(dealer, state, clock, partition),
+            *self._sla_overdue(dealer, state, clock),
+        ]
 
     def _alert(self, dealer: str, **values: Any) -> Alert:
         region, brand = self.labels(dealer)
@@ -719,14 +727,10 @@ class AlertEngine:
                 f"reason: case {case.case_id} is {case.status}, not resolved; "
                 "close it with another reason or resolve it first"
             )
-        out: list[Record] = []
         state = self._dealer_state(action.dealer_id)
-        if at > datetime.fromisoformat(state["clock"] or at.isoformat()):
-            state["clock"] = at.isoformat()
-            out += self._overdue(action.dealer_id, state, at, partition)
-            out += self._sla_overdue(action.dealer_id, state, at)
-            case = self._case(action.case_id)
-            assert case is not None
+        out = self._advance_clock(action.dealer_id, state, at, partition)
+        case = self._case(action.case_id)  # an escalation may have changed it
+        assert case is not None
         if action.action == "contact":
             case.status, case.contacted_at = "contacted", at
         elif action.action == "resolve":

@@ -26,6 +26,7 @@ from pipeline.metrics import Bucket, Figures, figures, window_start
 from pipeline.registry import DealerRegistry
 from pipeline.stream import (
     DEFAULT_LATENESS_DAYS,
+    BatchOutput,
     DeadLetter,
     DealerProcessor,
     DictStore,
@@ -71,6 +72,25 @@ class BatchState:
     cases: list[Case] = field(default_factory=list)
     events: int = 0
 
+    def fold(self, out: BatchOutput, rollup_alerts: Iterable[Alert]) -> None:
+        """Keep what one chunk produced."""
+        self.events += len(out.event_rows)
+        self.dead_letters += out.dead_letters
+        self.alerts += [*out.alerts, *rollup_alerts]
+        self.cases += out.cases
+
+
+def _records(lines: Iterable[bytes], *, event_time_order: bool = False) -> Iterator[RawRecord]:
+    """A record per non-blank line (line numbers become offsets), in file order
+    (streamed) or in event-time order (the file held in memory to sort it;
+    unreadable lines first, so they become dead letters with their line numbers)."""
+    numbered: Iterable[tuple[int, bytes]] = (
+        (n, line) for n, line in enumerate(lines, start=1) if line.strip()
+    )
+    if event_time_order:
+        numbered = sorted(numbered, key=lambda item: (_occurred_at(item[1]), item[0]))
+    return (record_for_line(n, line) for n, line in numbered)
+
 
 def run_batch(
     lines: Iterable[bytes],
@@ -81,9 +101,8 @@ def run_batch(
     alert_settings: AlertSettings | None = None,
 ) -> BatchState:
     """Fold every line (1-based line numbers become record offsets)."""
-    records = (record_for_line(n, line) for n, line in enumerate(lines, start=1) if line.strip())
     return run_records(
-        records, catalogue, registry=registry, lateness_days=lateness_days,
+        _records(lines), catalogue, registry=registry, lateness_days=lateness_days,
         alert_settings=alert_settings,
     )  # fmt: skip
 
@@ -107,11 +126,7 @@ def run_records(
     )
     for chunk in _chunks(records):
         out = dealer.process(chunk)
-        state.events += len(out.event_rows)
-        state.dead_letters += out.dead_letters
-        state.alerts += out.alerts
-        state.cases += out.cases
-        state.alerts += rollup.process([(0, update) for update in out.rollups]).alerts
+        state.fold(out, rollup.process([(0, update) for update in out.rollups]).alerts)
     return state
 
 
@@ -128,8 +143,6 @@ def load_warehouse(
     warehouse — events, dead letters, every snapshot, alerts and cases, with
     the same rows the worker's sinks write (a backfill, a demo, a test fixture
     for dashboards), in event-time order like `csi alerts replay`."""
-    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
-    numbered.sort(key=lambda item: (_occurred_at(item[1]), item[0]))
     state = BatchState()
     # snapshots are coalesced over the whole file: every changed window is
     # built once, from the final buckets, when the file is done
@@ -141,14 +154,11 @@ def load_warehouse(
         state.rollups, catalogue, alert_settings=alert_settings, snapshot_interval_s=math.inf
     )
     sinks = SinkSet(warehouse, max_rows=100_000, max_age_s=3600.0)
-    for chunk in _chunks(record_for_line(n, line) for n, line in numbered):
+    for chunk in _chunks(_records(lines, event_time_order=True)):
         started = time.monotonic()
         out = dealer.process(chunk)
         rolled = rollup.process([(0, update) for update in out.rollups])
-        state.events += len(out.event_rows)
-        state.dead_letters += out.dead_letters
-        state.alerts += out.alerts + rolled.alerts
-        state.cases += out.cases
+        state.fold(out, rolled.alerts)
         sinks.events.add(out.event_rows)
         sinks.dead_letters.add(d.to_row() for d in out.dead_letters)
         sinks.metric_snapshots.add(s.to_row() for s in [*out.snapshots, *rolled.snapshots])
@@ -187,13 +197,10 @@ def replay_alerts(
     lateness_days: int = DEFAULT_LATENESS_DAYS,
     alert_settings: AlertSettings | None = None,
 ) -> BatchState:
-    """`csi alerts replay`: the stream's detectors over a file in event-time order
-    (events and case actions; unreadable lines first, so they become dead letters
-    with their line numbers)."""
-    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
-    numbered.sort(key=lambda item: (_occurred_at(item[1]), item[0]))
+    """`csi alerts replay`: the stream's detectors over a file (events and case
+    actions) in event-time order."""
     return run_records(
-        (record_for_line(n, line) for n, line in numbered), catalogue, registry=registry,
+        _records(lines, event_time_order=True), catalogue, registry=registry,
         lateness_days=lateness_days, alert_settings=alert_settings,
     )  # fmt: skip
 

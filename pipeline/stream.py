@@ -257,7 +257,7 @@ class DictStore:
 
 
 def dealer_bucket_key(dealer_id: str, department: str, day: date) -> str:
-    return f"dealer|{dealer_id}|{department}|{day.isoformat()}"
+    return scope_bucket_key("dealer", dealer_id, department, day)
 
 
 def scope_bucket_key(scope: str, key: str, department: str, day: date) -> str:
@@ -464,6 +464,32 @@ class _Processor:
         self.alert_settings = alert_settings or AlertSettings()
         self.clock = clock
 
+    def flush_snapshots(
+        self,
+        now: datetime | None = None,
+        version: int | None = None,
+        reader: WindowReader | None = None,
+    ) -> list[Snapshot]:
+        """The snapshots of every window changed since the last flush. A dealer's
+        keys are scope keys with scope "dealer", so one loop serves both processors."""
+        started = self.pending.clock()
+        now = now or self.clock()
+        version = version or time.time_ns()
+        reader = reader or WindowReader(self.store, self.catalogue)
+        out: list[Snapshot] = []
+        for (labels, department), (days, backlog_days) in self.pending.take().items():
+            scope, key = labels[0], labels[1]
+            stored = self.store.get(latest_key(scope, key))
+            if stored is None:
+                continue
+            out += reader.snapshots(
+                labels, department, days, date.fromisoformat(stored["day"]),
+                partial(scope_bucket_key, scope, key, department),
+                now, version, backlog_days,
+            )  # fmt: skip
+        self.pending.flushed(started)
+        return out
+
 
 class DealerProcessor(_Processor):
     def __init__(
@@ -617,31 +643,6 @@ class DealerProcessor(_Processor):
                 self.store.put(key, {"day": newest_day.isoformat()}, partition_of[dealer_id])
         if self.pending.due():
             out.snapshots = self.flush_snapshots(now, version, reader)
-        return out
-
-    def flush_snapshots(
-        self,
-        now: datetime | None = None,
-        version: int | None = None,
-        reader: WindowReader | None = None,
-    ) -> list[Snapshot]:
-        """The snapshots of every window changed since the last flush."""
-        started = self.pending.clock()
-        now = now or self.clock()
-        version = version or time.time_ns()
-        reader = reader or WindowReader(self.store, self.catalogue)
-        out: list[Snapshot] = []
-        for (labels, department), (days, backlog_days) in self.pending.take().items():
-            dealer_id = labels[1]
-            newest = self._stored_day(latest_key("dealer", dealer_id))
-            if newest is None:
-                continue
-            out += reader.snapshots(
-                labels, department, days, newest,
-                partial(dealer_bucket_key, dealer_id, department),
-                now, version, backlog_days,
-            )  # fmt: skip
-        self.pending.flushed(started)
         return out
 
     def _stored_day(self, key: str) -> date | None:
@@ -927,28 +928,6 @@ class RollupProcessor(_Processor):
             )
         if self.pending.due():
             out.snapshots = self.flush_snapshots(now, reader=reader)
-        return out
-
-    def flush_snapshots(
-        self, now: datetime | None = None, reader: WindowReader | None = None
-    ) -> list[Snapshot]:
-        """The snapshots of every roll-up window changed since the last flush."""
-        started = self.pending.clock()
-        now = now or self.clock()
-        version = time.time_ns()
-        reader = reader or WindowReader(self.store, self.catalogue)
-        out: list[Snapshot] = []
-        for (labels, department), (days, backlog_days) in self.pending.take().items():
-            scope, key = labels[0], labels[1]
-            stored = self.store.get(latest_key(scope, key))
-            if stored is None:
-                continue
-            out += reader.snapshots(
-                labels, department, days, date.fromisoformat(stored["day"]),
-                partial(scope_bucket_key, scope, key, department),
-                now, version, backlog_days,
-            )  # fmt: skip
-        self.pending.flushed(started)
         return out
 
     def _region_drops(
