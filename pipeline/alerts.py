@@ -110,7 +110,8 @@ class AlertSettings:
     region_bernoulli_h: float = 9.0
     region_lag_days: int = 14
     region_close_after_days: int = 2
-    """A region's day is fed to its charts once the region has events this many days later."""
+    """A region's day is fed to its charts once each of its active dealers has events
+    this many days later."""
     # hot alerts and cases
     hot_bottom_points: int = 2
     case_contact_hours: float = 24.0
@@ -930,6 +931,9 @@ class DropWatch:
         self.policies: dict[str, AlertPolicy] = {}
         self.open: dict[str, dict[str, Any]] = {}
         self.closed_through: str | None = None
+        self.members: dict[str, str] = {}
+        """Regions: each dealer's newest day seen, which holds back closing a day
+        while a dealer (on a partition that lags) has not reported up to it."""
 
     @property
     def state_key(self) -> str:
@@ -940,12 +944,14 @@ class DropWatch:
             self.policies = {m: AlertPolicy.from_dict(p) for m, p in stored["policies"].items()}
             self.open = dict(stored["open"])
             self.closed_through = stored.get("closed_through")
+            self.members = dict(stored.get("members", {}))
 
     def dump(self) -> dict[str, Any]:
         return {
             "policies": {m: p.to_dict() for m, p in self.policies.items()},
             "open": self.open,
             "closed_through": self.closed_through,
+            "members": self.members,
         }
 
     def feed(

@@ -303,6 +303,8 @@ def _utcnow() -> datetime:
 
 
 ROLLUP_SCOPES = ("region", "brand", "network")
+REGION_ACTIVE_DAYS = 7
+"""A dealer silent for longer no longer holds its region's days open."""
 DEFAULT_LATENESS_DAYS = 35
 
 
@@ -880,7 +882,11 @@ class RollupProcessor(_Processor):
         backlog_changed: dict[tuple[str, str, str], set[date]] = {}
         partition_of: dict[tuple[str, str], int] = {}
         totals_written: dict[str, int] = {}
+        member_days: dict[tuple[str, str], dict[str, date]] = {}  # region, dept → dealer → day
         for partition, update in updates:
+            if update.scope == "region":
+                seen = member_days.setdefault((update.key, update.department), {})
+                seen[update.dealer_id] = max(seen.get(update.dealer_id, update.day), update.day)
             member_key = (
                 scope_bucket_key(update.scope, update.key, update.department, update.day)
                 + f"|{update.dealer_id}"
@@ -916,7 +922,9 @@ class RollupProcessor(_Processor):
             self.store.put(
                 latest_key(scope, key), {"day": newest.isoformat()}, partition_of[(scope, key)]
             )
-        out = RollupOutput(alerts=self._region_drops(changed, latest, partition_of, reader))
+        out = RollupOutput(
+            alerts=self._region_drops(changed, latest, partition_of, reader, member_days)
+        )
         if not self.emit_snapshots:
             return out
         for (scope, key, department), days in changed.items():
@@ -936,12 +944,15 @@ class RollupProcessor(_Processor):
         latest: dict[tuple[str, str], date],
         partition_of: dict[tuple[str, str], int],
         reader: WindowReader,
+        member_days: dict[tuple[str, str], dict[str, date]],
     ) -> list[Alert]:
         """Feed each region's closed days to its drop charts, once, in day order.
 
-        A day is closed once the region has events `region_close_after_days`
-        later; what arrives for it afterwards still counts in the figures but
-        no longer in the detector (documented in docs/alerts.md)."""
+        A day is closed once every dealer of the region active in the last
+        REGION_ACTIVE_DAYS has reported `region_close_after_days` past it: a
+        partition that lags behind the others holds the day open instead of
+        letting it close half-filled. What arrives for a closed day still counts
+        in the figures but no longer in the detector (docs/alerts.md)."""
         alerts: list[Alert] = []
         grace = self.alert_settings.region_close_after_days
         for (scope, key, department), days in sorted(changed.items()):
@@ -949,16 +960,29 @@ class RollupProcessor(_Processor):
                 continue
             watch = DropWatch(scope, key, key, "", department, self.alert_settings)
             watch.load(self.store.get(watch.state_key))
-            through = date.fromisoformat(watch.closed_through) if watch.closed_through else None
-            todo = region_watch_days(through, min(days), latest[(scope, key)], grace)
-            if not todo:
-                continue
+            for dealer, day in member_days.get((key, department), {}).items():
+                watch.members[dealer] = max(watch.members.get(dealer, ""), day.isoformat())
+            newest = latest[(scope, key)]
+            active = [
+                date.fromisoformat(d)
+                for d in watch.members.values()
+                if date.fromisoformat(d) >= newest - timedelta(days=REGION_ACTIVE_DAYS)
+            ]
+            horizon = min(active, default=newest)
+            # the day before the first one seen counts as fed, so a first batch
+            # that closes nothing does not lose its days to a later batch
+            through = (
+                date.fromisoformat(watch.closed_through)
+                if watch.closed_through
+                else min(days) - timedelta(days=1)
+            )
+            todo = region_watch_days(through, min(days), horizon, grace)
             for day in todo:
                 bucket = reader.bucket(scope_bucket_key(scope, key, department, day))
                 items = region_day_inputs(bucket)
                 if items:
                     end_of_day = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
                     alerts += watch.feed(items, end_of_day)
-            watch.closed_through = todo[-1].isoformat()
+            watch.closed_through = (todo[-1] if todo else through).isoformat()
             self.store.put(watch.state_key, watch.dump(), partition_of[(scope, key)])
         return alerts
