@@ -931,9 +931,12 @@ class DropWatch:
         self.policies: dict[str, AlertPolicy] = {}
         self.open: dict[str, dict[str, Any]] = {}
         self.closed_through: str | None = None
-        self.members: dict[str, str] = {}
-        """Regions: each dealer's newest day seen, which holds back closing a day
-        while a dealer (on a partition that lags) has not reported up to it."""
+        self.members: dict[str, dict[str, Any]] = {}
+        """Regions: each dealer's newest day (`day`) and when it was last heard
+        from (`heard_at`, processing time, epoch seconds), which hold back closing
+        a day while a dealer (on a partition that lags) has not reported up to it."""
+        self.first_heard_at: float | None = None
+        """Regions: when the region was first heard from (processing time)."""
 
     @property
     def state_key(self) -> str:
@@ -944,7 +947,11 @@ class DropWatch:
             self.policies = {m: AlertPolicy.from_dict(p) for m, p in stored["policies"].items()}
             self.open = dict(stored["open"])
             self.closed_through = stored.get("closed_through")
-            self.members = dict(stored.get("members", {}))
+            self.members = {
+                dealer: m if isinstance(m, dict) else {"day": m, "heard_at": 0.0}
+                for dealer, m in stored.get("members", {}).items()
+            }  # (state from before heard_at: a bare day)
+            self.first_heard_at = stored.get("first_heard_at")
 
     def dump(self) -> dict[str, Any]:
         return {
@@ -952,6 +959,7 @@ class DropWatch:
             "open": self.open,
             "closed_through": self.closed_through,
             "members": self.members,
+            "first_heard_at": self.first_heard_at,
         }
 
     def feed(

@@ -304,7 +304,13 @@ def _utcnow() -> datetime:
 
 ROLLUP_SCOPES = ("region", "brand", "network")
 REGION_ACTIVE_DAYS = 7
-"""A dealer silent for longer no longer holds its region's days open."""
+"""A dealer silent for longer (event time) no longer holds its region's days open."""
+REGION_PATIENCE_S = 300.0
+"""The worker's wait, in processing time, for a region's dealer whose partition
+lags: a registered dealer not heard from yet, or one silent for REGION_ACTIVE_DAYS
+in event time, still holds the region's days for this long after it was last
+heard from (or the region first seen). Without it a backlog read one partition
+ahead of another would close a region's days with half its dealers."""
 DEFAULT_LATENESS_DAYS = 35
 
 
@@ -873,6 +879,30 @@ def carried_backlog(
 class RollupProcessor(_Processor):
     """Region, brand and network buckets from dealer-day updates."""
 
+    def __init__(
+        self,
+        store: StateStore,
+        catalogue: Catalogue,
+        *,
+        registry: DealerRegistry | None = None,
+        member_patience_s: float = 0.0,
+        emit_snapshots: bool = True,
+        snapshot_interval_s: float = 0.0,
+        alert_settings: AlertSettings | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        """`member_patience_s`: REGION_PATIENCE_S in the worker; 0 in the batch
+        paths, which read every dealer in event-time order."""
+        super().__init__(
+            store, catalogue, emit_snapshots=emit_snapshots,
+            snapshot_interval_s=snapshot_interval_s, alert_settings=alert_settings, clock=clock,
+        )  # fmt: skip
+        self.member_patience_s = member_patience_s
+        self.registered: dict[str, list[str]] = {}  # region → its dealers in the registry
+        if registry is not None:
+            for dealer_id, dealer in registry.items():
+                self.registered.setdefault(dealer.region, []).append(dealer_id)
+
     def process(self, updates: Sequence[tuple[int, RollupUpdate]]) -> RollupOutput:
         """`updates`: (source partition, update) in arrival order."""
         now = self.clock()
@@ -923,7 +953,7 @@ class RollupProcessor(_Processor):
                 latest_key(scope, key), {"day": newest.isoformat()}, partition_of[(scope, key)]
             )
         out = RollupOutput(
-            alerts=self._region_drops(changed, latest, partition_of, reader, member_days)
+            alerts=self._region_drops(changed, latest, partition_of, reader, member_days, now)
         )
         if not self.emit_snapshots:
             return out
@@ -945,30 +975,33 @@ class RollupProcessor(_Processor):
         partition_of: dict[tuple[str, str], int],
         reader: WindowReader,
         member_days: dict[tuple[str, str], dict[str, date]],
+        now: datetime,
     ) -> list[Alert]:
         """Feed each region's closed days to its drop charts, once, in day order.
 
-        A day is closed once every dealer of the region active in the last
-        REGION_ACTIVE_DAYS has reported `region_close_after_days` past it: a
+        A day is closed once every dealer of the region (in the registry, or
+        heard from) has reported `region_close_after_days` past it, except a
+        dealer that is silent: in event time for REGION_ACTIVE_DAYS and in
+        processing time for `member_patience_s` (see REGION_PATIENCE_S). So a
         partition that lags behind the others holds the day open instead of
-        letting it close half-filled. What arrives for a closed day still counts
-        in the figures but no longer in the detector (docs/alerts.md)."""
+        letting it close half-filled, and the stream feeds the charts the same
+        days as a replay in event-time order. What arrives for a closed day
+        still counts in the figures but no longer in the detector (docs/alerts.md)."""
         alerts: list[Alert] = []
         grace = self.alert_settings.region_close_after_days
+        heard_at = now.timestamp()
         for (scope, key, department), days in sorted(changed.items()):
             if scope != "region":
                 continue
             watch = DropWatch(scope, key, key, "", department, self.alert_settings)
             watch.load(self.store.get(watch.state_key))
+            if watch.first_heard_at is None:
+                watch.first_heard_at = heard_at
             for dealer, day in member_days.get((key, department), {}).items():
-                watch.members[dealer] = max(watch.members.get(dealer, ""), day.isoformat())
-            newest = latest[(scope, key)]
-            active = [
-                date.fromisoformat(d)
-                for d in watch.members.values()
-                if date.fromisoformat(d) >= newest - timedelta(days=REGION_ACTIVE_DAYS)
-            ]
-            horizon = min(active, default=newest)
+                known = watch.members.get(dealer)
+                newest_day = max(known["day"], day.isoformat()) if known else day.isoformat()
+                watch.members[dealer] = {"day": newest_day, "heard_at": heard_at}
+            horizon = self._region_horizon(watch, key, latest[(scope, key)], heard_at)
             # the day before the first one seen counts as fed, so a first batch
             # that closes nothing does not lose its days to a later batch
             through = (
@@ -976,7 +1009,7 @@ class RollupProcessor(_Processor):
                 if watch.closed_through
                 else min(days) - timedelta(days=1)
             )
-            todo = region_watch_days(through, min(days), horizon, grace)
+            todo = [] if horizon is None else region_watch_days(through, min(days), horizon, grace)
             for day in todo:
                 bucket = reader.bucket(scope_bucket_key(scope, key, department, day))
                 items = region_day_inputs(bucket)
@@ -986,3 +1019,24 @@ class RollupProcessor(_Processor):
             watch.closed_through = (todo[-1] if todo else through).isoformat()
             self.store.put(watch.state_key, watch.dump(), partition_of[(scope, key)])
         return alerts
+
+    def _region_horizon(
+        self, watch: DropWatch, region: str, newest: date, heard_at: float
+    ) -> date | None:
+        """The newest day every dealer holding the region has reported; None
+        while a registered dealer not heard from yet is still waited for."""
+        patient = self.member_patience_s
+        holding: list[date] = []
+        for dealer in {*self.registered.get(region, ()), *watch.members}:
+            member = watch.members.get(dealer)
+            if member is None:
+                first = watch.first_heard_at if watch.first_heard_at is not None else heard_at
+                if heard_at - first < patient:
+                    return None
+                continue
+            day = date.fromisoformat(member["day"])
+            if day >= newest - timedelta(days=REGION_ACTIVE_DAYS) or (
+                heard_at - member["heard_at"] < patient
+            ):
+                holding.append(day)
+        return min(holding, default=newest)

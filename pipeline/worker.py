@@ -33,6 +33,7 @@ from pipeline.catalogue import Catalogue, load_catalogue
 from pipeline.config import Settings
 from pipeline.registry import load_registry
 from pipeline.stream import (
+    REGION_PATIENCE_S,
     BatchOutput,
     DealerProcessor,
     RawRecord,
@@ -113,44 +114,82 @@ class OffsetGuard:
     """The worker's own at-least-once bookkeeping on top of Faust's consumer.
 
     faust-streaming 0.15 loses acks in rebalance/recovery races (upstream
-    #596), after which a partition never commits again, and can skip a
-    record, after which its commit steps over the gap (#606). So the guard
+    #596), after which a partition never commits again, and can skip
+    records, after which its commit steps over the gap (#606). So the guard
     decides what to commit (`next_commit`, installed as the consumer's
     `_new_offset`) from the offsets the agents really processed, and when a
-    batch jumps past the next expected offset of a partition it seeks back
-    once to re-read the gap (re-reads are dropped by event-id dedup). Input
-    topics carry no transaction markers, so a gap is never legitimate.
+    batch jumps past the next expected offset of a partition it holds back
+    that partition's records and seeks back to the gap: the gap's records are
+    processed first, then the rest again, in offset order. Order matters: a
+    dealer's drop charts read its responses in sequence, so a gap processed
+    after what follows it would change their statistics. Input topics carry
+    no transaction markers, so a gap is never legitimate.
     """
 
-    def __init__(self) -> None:
+    RESEEK_AFTER_S = 5.0
+    """A seek whose records have not come back by then is repeated ..."""
+    MAX_SEEKS = 5
+    """... this many times; then the held records are processed out of order
+    (logged), and the gap still holds the commit back until it is read."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.processed: dict[Any, set[int]] = {}
         self.expected: dict[Any, int] = {}
-        self.reread: set[tuple[Any, int]] = set()
+        self.gaps: dict[Any, tuple[int, int, float]] = {}  # tp → (offset, seeks, last seek)
         self.skips_found = 0
+        self.clock = clock
 
-    def record(self, events: Sequence[Any], committed: Callable[[Any], int | None]) -> list[Any]:
-        """Note a processed batch; return [(tp, offset)] to seek back to."""
-        seeks = []
+    def admit(
+        self, events: Sequence[Any], committed: Callable[[Any], int | None]
+    ) -> tuple[list[Any], list[tuple[Any, int]]]:
+        """Split a batch into the events to process now and the seeks to make."""
+        admitted: list[Any] = []
+        seeks: list[tuple[Any, int]] = []
+        now = self.clock()
         for event in events:
             tp, offset = event.message.tp, event.message.offset
-            self.processed.setdefault(tp, set()).add(offset)
             expected = self.expected.get(tp)
             if expected is None:
                 expected = committed(tp)
-            if expected is not None and offset > expected and (tp, expected) not in self.reread:
-                self.reread.add((tp, expected))
+            if expected is None or offset <= expected:
+                # the next record, or one already processed (event-id dedup drops it)
+                admitted.append(event)
+                if expected is None or offset == expected:
+                    self.expected[tp] = offset + 1
+                    self.gaps.pop(tp, None)
+                continue
+            gap = self.gaps.get(tp)
+            if gap is None or gap[0] != expected:
                 self.skips_found += offset - expected
+                self.gaps[tp] = (expected, 1, now)
                 seeks.append((tp, expected))
                 log.error(
-                    "offsets %d..%d of %s skipped by the consumer: re-reading them",
-                    expected, offset - 1, tp,
+                    "offsets %d..%d of %s skipped by the consumer: holding back what follows "
+                    "and re-reading them", expected, offset - 1, tp,
                 )  # fmt: skip
-            self.expected[tp] = max(offset + 1, expected or 0)
-        return seeks
+            elif gap[1] >= self.MAX_SEEKS:
+                log.error(
+                    "offsets %d..%d of %s still missing after %d re-reads: processing %d out "
+                    "of order; the commit stays at %d until they are read",
+                    expected, offset - 1, tp, gap[1], offset, expected,
+                )  # fmt: skip
+                admitted.append(event)
+                self.expected[tp] = offset + 1
+                self.gaps.pop(tp, None)
+            elif now - gap[2] >= self.RESEEK_AFTER_S:
+                self.gaps[tp] = (expected, gap[1] + 1, now)
+                seeks.append((tp, expected))
+        return admitted, seeks
+
+    def record(self, events: Sequence[Any]) -> None:
+        """Note the offsets of a processed batch (what `admit` let through)."""
+        for event in events:
+            self.processed.setdefault(event.message.tp, set()).add(event.message.offset)
 
     def forget_assignment(self) -> None:
         """After a rebalance Faust restarts from the committed offsets."""
         self.expected.clear()
+        self.gaps.clear()
 
     def install(self, consumer: Any) -> None:
         """Make the consumer ask the guard which offset to commit."""
@@ -244,7 +283,8 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
     )  # fmt: skip
     rollup_processor = RollupProcessor(
         TableStore(rollup_buckets), catalogue, alert_settings=alert_settings,
-        snapshot_interval_s=settings.snapshot_interval_s,
+        snapshot_interval_s=settings.snapshot_interval_s, registry=registry,
+        member_patience_s=REGION_PATIENCE_S,
     )  # fmt: skip
     guard = OffsetGuard()
     guard.install(app.consumer)
@@ -264,10 +304,13 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
     rollup_topic = raw_topic(ROLLUPS.name)
     alerts_topic = raw_topic(ALERTS.name)
 
-    async def guard_batch(events: Sequence[Any]) -> None:
+    async def admit(events: Sequence[Any]) -> list[Any]:
+        """The batch's events to process now; seeks back over a skipped gap."""
         committed = cast(Any, app.consumer)._committed_offset.get  # faust internals
-        for tp, offset in guard.record(events, committed):
+        admitted, seeks = guard.admit(events, committed)
+        for tp, offset in seeks:
             await app.consumer.seek(tp, offset)
+        return admitted
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # as on_before_shutdown
     async def reset_guard(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -313,9 +356,10 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
 
     @app.agent(event_topics, name="ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
-        async for events in cast(faust.Stream[bytes], stream).take_events(
+        async for batch in cast(faust.Stream[bytes], stream).take_events(
             settings.batch_max, settings.batch_within_s
         ):
+            events = await admit(batch)
             records = [
                 RawRecord(
                     e.message.topic, e.message.partition, e.message.offset,
@@ -324,13 +368,14 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
                 for e in events
             ]  # fmt: skip
             await ship(processor.process(records))
-            await guard_batch(events)
+            guard.record(events)
 
     @app.agent(rollup_topic, name="rollup")
     async def rollup(stream: faust.StreamT[bytes]) -> None:
-        async for events in cast(faust.Stream[bytes], stream).take_events(
+        async for batch in cast(faust.Stream[bytes], stream).take_events(
             settings.batch_max, settings.batch_within_s
         ):
+            events = await admit(batch)
             # our own topic, written only by the ingest agent above
             updates = [
                 (e.message.partition, RollupUpdate.from_message(orjson.loads(e.message.value)))
@@ -341,7 +386,7 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
             await publish_snapshots(result.snapshots)
             await publish_alerts(result.alerts, [])
             sinks.flush_due()
-            await guard_batch(events)
+            guard.record(events)
 
     if settings.webhook_url:
         delivered = state_table("deliveries", "webhook deliveries done, by delivery_id")
@@ -350,9 +395,10 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
 
         @app.agent(alerts_topic, name="notify")
         async def notify(stream: faust.StreamT[bytes]) -> None:
-            async for events in cast(faust.Stream[bytes], stream).take_events(
+            async for batch in cast(faust.Stream[bytes], stream).take_events(
                 settings.batch_max, settings.batch_within_s
             ):
+                events = await admit(batch)
                 for event in events:
                     if event.message.value is None:
                         continue
@@ -360,7 +406,7 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
                     log_of = TableDeliveredLog(delivered, event.message.partition)
                     notifier.delivered = log_of
                     await deliver_until_done(notifier, message["delivery_id"], message)
-                await guard_batch(events)
+                guard.record(events)
 
     @app.task  # type: ignore[untyped-decorator]
     async def quiet_client_logs() -> None:

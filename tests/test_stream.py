@@ -389,3 +389,96 @@ def test_final_snapshots_do_not_depend_on_how_topics_interleave() -> None:
                 assert got == pytest.approx(want, abs=1e-9), where
             else:
                 assert got == want, where
+
+
+def region_watch_state(rollups: RollupProcessor, region: str) -> dict[str, Any]:
+    stored = rollups.store.get(f"drops|region|{region}|service")
+    assert stored is not None
+    return stored
+
+
+def assert_close(got: Any, want: Any, where: str = "") -> None:
+    """Equal, floats to 1e-9 relative (sums taken in another order)."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), where
+        for key in want:
+            assert_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-9), where
+    else:
+        assert got == want, where
+
+
+def test_a_lagging_partition_holds_its_regions_days_so_the_charts_match_a_replay() -> None:
+    """A backlog read one dealer's partition at a time (D002's whole history,
+    then D001's) feeds the region's charts the same days, with the same
+    figures, as every dealer in event-time order, because a registered dealer
+    not heard from yet holds the region's days for REGION_PATIENCE_S."""
+    from pipeline.registry import DealerRegistry
+    from pipeline.simulator import Drop, simulate, simulated_registry
+    from pipeline.stream import REGION_PATIENCE_S
+
+    registry = DealerRegistry(simulated_registry(2, seed=2))
+    assert registry.region_of("D001") == registry.region_of("D002") == "North"
+    events = [
+        e
+        for e in simulate(
+            2, 60, end=date(2026, 11, 20), seed=2, survey_share=0.9, call_share=0.0,
+            complaints=False, mystery_shops=False, sales_surveys_per_dealer_day=0.0,
+            drops=[Drop("D002", date(2026, 10, 20), 90.0)],
+        )
+        if e["event_type"] == "survey"
+    ]  # fmt: skip
+
+    def run(order: list[dict[str, Any]], clock: list[datetime]) -> tuple[Any, list[Any]]:
+        dealers = DealerProcessor(
+            DictStore(), CATALOGUE, registry=registry, emit_snapshots=False, clock=lambda: NOW
+        )
+        rollups = RollupProcessor(
+            DictStore(), CATALOGUE, registry=registry, emit_snapshots=False,
+            member_patience_s=REGION_PATIENCE_S, clock=lambda: clock[0],
+        )  # fmt: skip
+        feed, alerts = Feed(), []
+        for start in range(0, len(order), 50):
+            out = dealers.process([feed(e) for e in order[start : start + 50]])
+            alerts += rollups.process([(0, u) for u in out.rollups]).alerts
+        return region_watch_state(rollups, "North"), alerts
+
+    in_time_order = sorted(events, key=lambda e: e["occurred_at"])
+    by_partition = sorted(events, key=lambda e: (e["dealer_id"] != "D002", e["occurred_at"]))
+    expected_state, expected_alerts = run(in_time_order, [NOW])
+    state, alerts = run(by_partition, [NOW])
+    assert state["closed_through"] == expected_state["closed_through"] == "2026-11-16"
+    assert_close(state["policies"], expected_state["policies"])  # sums in another order
+    assert alerts == expected_alerts
+
+
+def test_a_registered_dealer_never_heard_from_holds_a_region_only_for_the_patience() -> None:
+    from pipeline.registry import Dealer, DealerRegistry
+
+    registry = DealerRegistry(
+        [Dealer("D001", "One", "North", "B", "G"), Dealer("D002", "Two", "North", "B", "G")]
+    )
+    dealers = DealerProcessor(DictStore(), CATALOGUE, registry=registry, clock=lambda: NOW)
+    clock = [NOW]
+    rollups = RollupProcessor(
+        DictStore(), CATALOGUE, registry=registry, member_patience_s=300.0,
+        clock=lambda: clock[0],
+    )  # fmt: skip
+    feed = Feed()
+
+    def d002_day(day: str) -> None:
+        out = dealers.process([feed(survey("D002", day, {"work_quality": 9}, 9))])
+        rollups.process([(0, u) for u in out.rollups])
+
+    for day in ("2026-11-01", "2026-11-02", "2026-11-03", "2026-11-04"):
+        d002_day(day)
+    # D001 (registered, silent) holds every day: nothing fed to the charts yet
+    assert region_watch_state(rollups, "North")["closed_through"] == "2026-10-31"
+    clock[0] = NOW.replace(minute=5, second=1)  # 301 s later: D001 no longer waited for
+    d002_day("2026-11-05")
+    assert region_watch_state(rollups, "North")["closed_through"] == "2026-11-03"

@@ -42,30 +42,65 @@ def test_next_commit_steps_over_acked_or_processed_offsets() -> None:
     assert next_commit(None, [0, 1], {2, 4}) == 3
 
 
-def test_guard_re_reads_a_skipped_offset_once() -> None:
-    guard = OffsetGuard()
+def offsets(events: list[Event]) -> list[int]:
+    return [e.message.offset for e in events]
+
+
+def test_guard_holds_back_what_follows_a_skipped_offset_and_re_reads_it_first() -> None:
+    clock = [0.0]
+    guard = OffsetGuard(clock=lambda: clock[0])
 
     def committed(tp: str) -> int | None:
         return {"visit-3": 580}.get(tp)
 
-    assert guard.record(batch("visit-3", 580, 581), committed) == []
-    # 582 never reached the agent: seek back to it
-    assert guard.record(batch("visit-3", 583, 584), committed) == [("visit-3", 582)]
+    admitted, seeks = guard.admit(batch("visit-3", 580, 581), committed)
+    assert offsets(admitted) == [580, 581] and seeks == []
+    guard.record(admitted)
+    # 582 never reached the agent: 583 and 584 wait, the partition seeks back
+    admitted, seeks = guard.admit(batch("visit-3", 583, 584), committed)
+    assert admitted == [] and seeks == [("visit-3", 582)]
     assert guard.skips_found == 1
-    # the re-read brings 582..584 again: no new gap
-    assert guard.record(batch("visit-3", 582, 583, 584, 585), committed) == []
-    # a gap that persists after its one re-read is not chased forever
-    assert guard.record(batch("visit-3", 588), committed) == [("visit-3", 586)]
-    assert guard.record(batch("visit-3", 588, 589), committed) == []
+    # records fetched before the seek still arrive: held back, no second seek yet
+    assert guard.admit(batch("visit-3", 585, 586), committed) == ([], [])
+    # the re-read brings 582 onwards, in order
+    admitted, seeks = guard.admit(batch("visit-3", 582, 583, 584, 585), committed)
+    assert offsets(admitted) == [582, 583, 584, 585] and seeks == []
+    guard.record(admitted)
+    assert guard.processed["visit-3"] == set(range(580, 586))
+    # an offset already processed (a re-read overlapping) passes: dedup drops it
+    admitted, _ = guard.admit(batch("visit-3", 584, 586), committed)
+    assert offsets(admitted) == [584, 586]
+
+
+def test_guard_seeks_again_after_a_while_then_gives_up_in_order_not_in_loss() -> None:
+    clock = [0.0]
+    guard = OffsetGuard(clock=lambda: clock[0])
+    committed = {"call-1": 10}.get
+    assert guard.admit(batch("call-1", 12), committed) == ([], [("call-1", 10)])
+    clock[0] += 1.0
+    assert guard.admit(batch("call-1", 12), committed) == ([], [])  # too soon to re-seek
+    for _ in range(OffsetGuard.MAX_SEEKS - 1):
+        clock[0] += OffsetGuard.RESEEK_AFTER_S
+        assert guard.admit(batch("call-1", 12), committed) == ([], [("call-1", 10)])
+    # the gap never came back: 12 is processed out of order rather than held forever
+    admitted, seeks = guard.admit(batch("call-1", 12, 13), committed)
+    assert offsets(admitted) == [12, 13] and seeks == []
+    guard.record(admitted)
+    # and the commit still stops at the gap (next_commit: 10 and 11 not done)
+    assert next_commit(10, [], guard.processed["call-1"]) is None
 
 
 def test_guard_starts_from_the_committed_offset_and_forgets_on_rebalance() -> None:
     guard = OffsetGuard()
     # the very first record after a restart is checked against the commit
-    assert guard.record(batch("survey-0", 11), lambda tp: 10) == [("survey-0", 10)]
+    assert guard.admit(batch("survey-0", 11), lambda tp: 10) == ([], [("survey-0", 10)])
     guard.forget_assignment()
     # after a rebalance the partition restarts wherever it was committed
-    assert guard.record(batch("survey-0", 40), lambda tp: 40) == []
+    admitted, seeks = guard.admit(batch("survey-0", 40), lambda tp: 40)
+    assert offsets(admitted) == [40] and seeks == []
+    # a partition never committed starts wherever its first record is
+    admitted, _ = guard.admit(batch("survey-1", 7), lambda tp: None)
+    assert offsets(admitted) == [7]
 
 
 @dataclass
@@ -82,7 +117,7 @@ def test_installed_guard_decides_the_commit_and_forgets_what_it_covers() -> None
     guard = OffsetGuard()
     book = AckBook({"call-0": 10}, defaultdict(list), defaultdict(set))
     guard.install(book)
-    guard.record(batch("call-0", 10, 11, 12), lambda tp: 10)
+    guard.record(batch("call-0", 10, 11, 12))
     book._acked["call-0"].extend([12, 13])  # Faust acked 12 and 13, lost 10 and 11
     book._acked_index["call-0"].update([12, 13])
     assert book._new_offset("call-0") == 14  # type: ignore[attr-defined]
