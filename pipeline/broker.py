@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Literal, get_args
 
+from pipeline.config import KafkaSecurity
 from pipeline.topics import ALL_TOPICS, TopicSpec
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def _listens_on(pid: int, port: int) -> bool:
     return bool(listening) and not listening.isdisjoint(_process_socket_inodes(pid))
 
 
-def _admin_client(bootstrap: str, timeout: float) -> Any:
+def _admin_client(bootstrap: str, timeout: float, security: KafkaSecurity | None = None) -> Any:
     from kafka.admin import KafkaAdminClient
 
     timeout_ms = max(int(timeout * 1000), 100)
@@ -213,6 +214,7 @@ def _admin_client(bootstrap: str, timeout: float) -> Any:
         client_id="csi-broker-admin",
         request_timeout_ms=timeout_ms,
         bootstrap_timeout_ms=timeout_ms,
+        **(security.client_config() if security else {}),
     )
 
 
@@ -493,7 +495,11 @@ def _mismatch_message(specs: dict[str, TopicSpec], counts: Mapping[str, int]) ->
 
 
 def create_topics(
-    bootstrap: str, specs: Iterable[TopicSpec] = ALL_TOPICS, *, timeout: float = 30.0
+    bootstrap: str,
+    specs: Iterable[TopicSpec] = ALL_TOPICS,
+    *,
+    timeout: float = 30.0,
+    security: KafkaSecurity | None = None,
 ) -> None:
     """Create each topic with its partition count (replication 1), then verify via metadata.
 
@@ -517,7 +523,7 @@ def create_topics(
     names = list(wanted)
     deadline = time.monotonic() + timeout
     try:
-        admin = _admin_client(bootstrap, timeout)
+        admin = _admin_client(bootstrap, timeout, security)
     except Exception as exc:
         raise BrokerError(f"cannot reach Kafka at {bootstrap}: {exc!r}") from exc
     try:

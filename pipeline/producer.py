@@ -10,6 +10,11 @@ reported by the broker arrive in a callback on kafka-python's sender thread;
 they are counted, the first one is kept, and :meth:`EventProducer.flush`
 raises :class:`ProduceError` once any record has failed, so a lost record is
 never silent.
+
+Authentication and TLS come from :class:`pipeline.config.KafkaSecurity`: by default from
+the ``CSI_KAFKA_*`` environment variables, so every producer the pipeline makes (``csi
+simulate``, ``csi case``, ``csi dlq replay``, ``csi serve-http``) talks to a secured
+cluster the same way the worker does.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Protocol, Self
 import orjson
 from kafka import KafkaProducer
 
+from pipeline.config import KafkaSecurity
 from pipeline.topics import topic_for
 
 _PACING_STEP_S = 0.05
@@ -71,6 +77,10 @@ class EventProducer:
     them. Duplicates are harmless downstream anyway: ``event_id`` is the
     idempotency key. With ``idempotent=True``, ``acks`` must stay ``"all"``.
 
+    ``security`` is the SASL/TLS configuration; None reads it from the environment
+    (:meth:`KafkaSecurity.from_env`, PLAINTEXT when no ``CSI_KAFKA_*`` is set). Explicit
+    ``kafka_config`` keys override what it gives.
+
     Counters: ``sent`` is records acknowledged by the broker, ``failed`` is
     records that could not be delivered, ``pending`` is records queued without
     an outcome yet.
@@ -83,8 +93,12 @@ class EventProducer:
         linger_ms: int = 20,
         acks: str | int = "all",
         idempotent: bool = False,
+        security: KafkaSecurity | None = None,
         **kafka_config: Any,
     ) -> None:
+        if security is None:
+            security = KafkaSecurity.from_env()
+        security_config = security.client_config()
         self._lock = threading.Lock()
         self._queued = 0
         self._sent = 0
@@ -97,7 +111,7 @@ class EventProducer:
             enable_idempotence=idempotent,
             # Topics are created explicitly with their partition counts
             # (pipeline.broker.create_topics); a typo must not create one.
-            **{"allow_auto_create_topics": False, **kafka_config},
+            **{"allow_auto_create_topics": False, **security_config, **kafka_config},
         )
 
     @property

@@ -25,7 +25,7 @@ import orjson
 from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.broker import EmbeddedBroker, create_topics
-from pipeline.config import Settings
+from pipeline.config import KafkaSecurity, Settings
 from pipeline.producer import EventProducer, produce_events
 from pipeline.registry import write_registry
 from pipeline.simulator import Drop, simulate, simulated_registry
@@ -161,7 +161,8 @@ class Screen:
 
 def start_worker(settings: Settings, log: IO[bytes]) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ,
+        # the embedded broker speaks PLAINTEXT: a user's CSI_KAFKA_* must not apply
+        **{k: v for k, v in os.environ.items() if not k.startswith("CSI_KAFKA_")},
         "CSI_BOOTSTRAP": settings.bootstrap,
         "CSI_WAREHOUSE": settings.warehouse,
         "CSI_DATA_DIR": str(settings.data_dir),
@@ -234,7 +235,7 @@ def run_embedded(
 
             def produce() -> None:
                 try:
-                    with EventProducer(broker.bootstrap) as producer:
+                    with EventProducer(broker.bootstrap, security=KafkaSecurity()) as producer:
                         events = simulate(dealers, days, seed=seed, drops=drops)
                         produce_events(producer, _until(events, stop_simulator), rate=rate)
                 except BaseException as exc:  # shown to the user, not lost in a thread

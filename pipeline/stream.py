@@ -578,7 +578,15 @@ class DealerProcessor(_Processor):
             if key not in stored:
                 stored[key] = StoredBucket.from_dict(self.store.get(key))
             if event_id in stored[key].event_ids:
-                out.duplicates += 1  # a replay of a counted event (the warehouse dedups too)
+                # A replay of a counted event: it counts once, but its row and
+                # its day's windows go out again. The worker that counted it may
+                # have been killed after its state reached the changelog and
+                # before its rows reached the warehouse; the tables' replacing
+                # keys (event_id; the snapshot key) collapse the copies.
+                out.duplicates += 1
+                out.event_rows.append(event_row(event, record, now))
+                changed.setdefault((dealer_id, event.department), set()).add(day)
+                partition_of[dealer_id] = record.partition
                 continue
             # Lateness is measured within one event type: Kafka orders a
             # dealer's records per topic only, and one topic may run weeks

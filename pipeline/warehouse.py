@@ -4,8 +4,9 @@ Backends, chosen by URL in :func:`open_warehouse`:
 
 * ``chdb://PATH`` — embedded ClickHouse (chdb) keeping its data in ``PATH``. ClickHouse
   locks a data directory for one process, and chdb runs one data directory per process.
-* ``clickhouse://[user[:password]@]HOST:PORT/DB`` — a ClickHouse server over the native
-  protocol (clickhouse-driver).
+* ``clickhouse://[user[:password]@]HOST:PORT/DB[?secure=1&verify=1&ca_certs=PATH]`` — a
+  ClickHouse server over the native protocol (clickhouse-driver), TLS with ``secure=1``;
+  the password may instead come from CSI_WAREHOUSE_PASSWORD(_FILE), see open_warehouse.
 
 Both take rows of plain Python values and return rows of plain Python values, so the
 worker, the tests and the dashboards' helpers do not care which one is behind a URL.
@@ -29,12 +30,18 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 from zoneinfo import ZoneInfo
 
 import orjson
 
 from pipeline.alerts import Alert, Case
+from pipeline.config import (
+    ENV_WAREHOUSE_PASSWORD,
+    REDACTED,
+    redact_url,
+    warehouse_password_from_env,
+)
 from pipeline.metrics import Figures
 
 CSI_DATABASE = "csi"
@@ -637,49 +644,128 @@ class ChdbWarehouse:
 # ---------------------------------------------------------------- ClickHouse server backend
 
 _UNKNOWN_DATABASE = 81
+_AUTHENTICATION_FAILED = frozenset({192, 193, 194, 516})
+"""UNKNOWN_USER, WRONG_PASSWORD, REQUIRED_PASSWORD (older servers); AUTHENTICATION_FAILED."""
+CLICKHOUSE_PORT = 9000
+CLICKHOUSE_SECURE_PORT = 9440
+"""ClickHouse's default native-protocol ports, plain and TLS (``tcp_port_secure``)."""
+_TLS_OPTIONS = ("verify", "ca_certs", "certfile", "keyfile")
+CLICKHOUSE_URL_OPTIONS = ("secure", *_TLS_OPTIONS)
+"""Query-string options of a clickhouse:// URL (clickhouse-driver's names)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ClickHouseAddress:
-    """Where a clickhouse:// URL points."""
+    """Where a clickhouse:// URL points and how to connect; its repr masks the password."""
 
     host: str
     port: int
     database: str
     user: str
     password: str
+    secure: bool = False
+    """TLS (``?secure=1``), to the server's ``tcp_port_secure`` (9440 by default)."""
+    verify: bool = True
+    """Verify the server's certificate and host name (``?verify=0`` turns both off)."""
+    ca_certs: str | None = None
+    """PEM file of the CA that signed the server's certificate; unset: certifi's/system CAs."""
+    certfile: str | None = None
+    """Client certificate (PEM) for servers that require one."""
+    keyfile: str | None = None
+    """The client certificate's key, if not in ``certfile``."""
+
+    def __repr__(self) -> str:
+        shown = {
+            item.name: REDACTED if item.name == "password" and self.password else repr(value)
+            for item in dataclasses.fields(self)
+            if (value := getattr(self, item.name)) is not None or item.name == "password"
+        }
+        return f"ClickHouseAddress({', '.join(f'{k}={v}' for k, v in shown.items())})"
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port``, plus `` (TLS)`` when secure: how error messages name the server."""
+        return f"{self.host}:{self.port}" + (" (TLS)" if self.secure else "")
+
+
+def _server_message(error: BaseException | None) -> str:
+    """A ClickHouse server error's message without the server's stack trace."""
+    text = str(getattr(error, "message", None) or error)
+    return " ".join(text.split("Stack trace:", 1)[0].split()).removeprefix("DB::Exception: ")
+
+
+def _url_flag(url: str, name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"clickhouse:// URL option {name}={value!r} is not 0 or 1: {redact_url(url)}")
 
 
 def parse_clickhouse_url(url: str) -> ClickHouseAddress:
-    """Parse ``clickhouse://[user[:password]@]HOST[:PORT][/DB]`` (port 9000, DB default).
+    """Parse ``clickhouse://[user[:password]@]HOST[:PORT][/DB][?OPTIONS]`` (DB default).
 
-    User and password may be percent-encoded (``p%40ss`` for ``p@ss``).
+    User and password may be percent-encoded (``p%40ss`` for ``p@ss``). OPTIONS are
+    clickhouse-driver's TLS settings: ``secure=1`` (TLS; the port then defaults to 9440
+    instead of 9000), ``verify=0`` (do not verify the server's certificate: testing
+    only), ``ca_certs=PATH``, ``certfile=PATH``, ``keyfile=PATH``. Error messages show the
+    URL with its password masked.
     """
+    shown = redact_url(url)
     parts = urlsplit(url)
     if parts.scheme != "clickhouse":
-        raise ValueError(f"not a clickhouse:// URL: {url!r}")
-    if parts.query or parts.fragment:
-        raise ValueError(f"clickhouse:// URLs take no query string or fragment: {url!r}")
+        raise ValueError(f"not a clickhouse:// URL: {shown!r}")
+    if parts.fragment:
+        raise ValueError(f"clickhouse:// URLs take no fragment: {shown!r}")
     if not parts.hostname:
-        raise ValueError(f"clickhouse:// URL has no host: {url!r}")
+        raise ValueError(f"clickhouse:// URL has no host: {shown!r}")
     try:
-        port = parts.port or 9000
+        explicit_port = parts.port
     except ValueError as error:
-        raise ValueError(f"clickhouse:// URL has an invalid port: {url!r}") from error
+        raise ValueError(f"clickhouse:// URL has an invalid port: {shown!r}") from error
     database = parts.path.strip("/") or "default"
     if "/" in database:
-        raise ValueError(f"clickhouse:// URL path must be one database name: {url!r}")
+        raise ValueError(f"clickhouse:// URL path must be one database name: {shown!r}")
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in CLICKHOUSE_URL_OPTIONS:
+            raise ValueError(
+                f"clickhouse:// URL option {name!r} is unknown; the options are "
+                f"{', '.join(CLICKHOUSE_URL_OPTIONS)} (the password goes before the host or "
+                f"in CSI_WAREHOUSE_PASSWORD): {shown!r}"
+            )
+        if name in options:
+            raise ValueError(f"clickhouse:// URL option {name!r} is given twice: {shown!r}")
+        options[name] = value
+    secure = _url_flag(url, "secure", options["secure"]) if "secure" in options else False
+    if not secure and (stray := [name for name in _TLS_OPTIONS if name in options]):
+        raise ValueError(
+            f"clickhouse:// URL option(s) {', '.join(stray)} apply to TLS only: add secure=1 "
+            f"({shown!r})"
+        )
+    for name in ("ca_certs", "certfile", "keyfile"):
+        if name in options and not options[name]:
+            raise ValueError(f"clickhouse:// URL option {name} is empty: {shown!r}")
+    if "keyfile" in options and "certfile" not in options:
+        raise ValueError(f"clickhouse:// URL option keyfile needs certfile: {shown!r}")
+    default_port = CLICKHOUSE_SECURE_PORT if secure else CLICKHOUSE_PORT
     return ClickHouseAddress(
         host=parts.hostname,
-        port=port,
+        port=explicit_port or default_port,
         database=unquote(database),
         user=unquote(parts.username) if parts.username else "default",
         password=unquote(parts.password) if parts.password else "",
+        secure=secure,
+        verify=_url_flag(url, "verify", options["verify"]) if "verify" in options else True,
+        ca_certs=options.get("ca_certs"),
+        certfile=options.get("certfile"),
+        keyfile=options.get("keyfile"),
     )
 
 
 class ClickHouseServerWarehouse:
-    """A ClickHouse server over the native TCP protocol (clickhouse-driver)."""
+    """A ClickHouse server over the native TCP protocol (clickhouse-driver), TLS optional."""
 
     def __init__(self, address: ClickHouseAddress) -> None:
         from clickhouse_driver import Client
@@ -691,12 +777,27 @@ class ClickHouseServerWarehouse:
             OSError,
             EOFError,
         )
+        for name in ("ca_certs", "certfile", "keyfile"):
+            path = getattr(address, name)
+            if path is not None and not Path(path).is_file():
+                raise WarehouseError(
+                    f"ClickHouse at {address.endpoint}: {name} file {path} does not exist"
+                )
+        tls: dict[str, Any] = {}
+        if address.secure:
+            tls = {"secure": True, "verify": address.verify}
+            tls |= {
+                name: getattr(address, name)
+                for name in ("ca_certs", "certfile", "keyfile")
+                if getattr(address, name) is not None
+            }
         self._client: Any = Client(
             host=address.host,
             port=address.port,
             database=address.database,
             user=address.user,
             password=address.password,
+            **tls,
         )
         # One client is one connection; the lock lets a worker flush from a thread.
         self._lock = threading.Lock()
@@ -705,11 +806,20 @@ class ClickHouseServerWarehouse:
             self._call("SELECT 1")
         except WarehouseError as error:
             cause = error.__cause__
-            if getattr(cause, "code", None) == _UNKNOWN_DATABASE:
+            code = getattr(cause, "code", None)
+            if code == _UNKNOWN_DATABASE:
                 raise WarehouseError(
-                    f"database {address.database!r} does not exist on {address.host}:"
-                    f"{address.port}; connect to /default (the csi tables are always "
-                    "qualified with their database) or create it first"
+                    f"database {address.database!r} does not exist on {address.endpoint}; "
+                    "connect to /default (the csi tables are always qualified with their "
+                    "database) or create it first"
+                ) from cause
+            if code in _AUTHENTICATION_FAILED:
+                given = "a password" if address.password else "no password"
+                raise WarehouseError(
+                    f"ClickHouse at {address.endpoint} refused user {address.user!r} ({given} "
+                    "given): wrong password or unknown user. The password comes from the "
+                    "clickhouse:// URL or, when the URL has none, from CSI_WAREHOUSE_PASSWORD "
+                    f"or CSI_WAREHOUSE_PASSWORD_FILE. Server said: {_server_message(cause)}"
                 ) from cause
             raise
 
@@ -720,9 +830,7 @@ class ClickHouseServerWarehouse:
                     return self._client.execute(sql, with_column_types=True)
                 return self._client.execute(sql, rows)
             except self._driver_errors as error:
-                raise WarehouseError(
-                    f"ClickHouse at {self.address.host}:{self.address.port}: {error}"
-                ) from error
+                raise WarehouseError(f"ClickHouse at {self.address.endpoint}: {error}") from error
 
     def execute(self, sql: str) -> None:
         self._call(sql)
@@ -745,12 +853,19 @@ class ClickHouseServerWarehouse:
 
 WAREHOUSE_URL_FORMS = (
     "chdb://PATH (embedded chdb; relative or absolute path, or chdb://:memory:)",
-    "clickhouse://[user[:password]@]HOST:PORT/DB (ClickHouse server, native protocol)",
+    "clickhouse://[user[:password]@]HOST:PORT/DB[?secure=1&ca_certs=PATH] (ClickHouse server, "
+    "native protocol; TLS with secure=1)",
 )
 
 
-def open_warehouse(url: str) -> Warehouse:
-    """Open the warehouse a URL names; see WAREHOUSE_URL_FORMS."""
+def open_warehouse(url: str, *, password: str | None = None) -> Warehouse:
+    """Open the warehouse a URL names; see WAREHOUSE_URL_FORMS.
+
+    A clickhouse:// URL without a password takes ``password``, or when that is None the
+    one in CSI_WAREHOUSE_PASSWORD / CSI_WAREHOUSE_PASSWORD_FILE, so the password need not
+    be in the URL. Two different passwords (URL and the other source) are a ValueError
+    rather than a silent choice. Errors show the URL with its password masked.
+    """
     if url.startswith("chdb://"):
         location = url.removeprefix("chdb://")
         if not location:
@@ -761,9 +876,20 @@ def open_warehouse(url: str) -> Warehouse:
             return ChdbWarehouse(location)
         return ChdbWarehouse(str(Path(location).expanduser().resolve()))
     if url.startswith("clickhouse://"):
-        return ClickHouseServerWarehouse(parse_clickhouse_url(url))
+        address = parse_clickhouse_url(url)
+        supplied = password if password is not None else warehouse_password_from_env()
+        if supplied and address.password and supplied != address.password:
+            source = "the password argument" if password is not None else ENV_WAREHOUSE_PASSWORD
+            raise ValueError(
+                f"two different ClickHouse passwords: one in the warehouse URL "
+                f"{redact_url(url)!r} and one in {source} (or its _FILE); keep one"
+            )
+        if supplied and not address.password:
+            address = dataclasses.replace(address, password=supplied)
+        return ClickHouseServerWarehouse(address)
     raise ValueError(
-        f"unsupported warehouse URL {url!r}; accepted forms: " + "; ".join(WAREHOUSE_URL_FORMS)
+        f"unsupported warehouse URL {redact_url(url)!r}; accepted forms: "
+        + "; ".join(WAREHOUSE_URL_FORMS)
     )
 
 

@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -215,6 +215,54 @@ class OffsetGuard:
             consumer._acked[tp]  # a defaultdict: creates the entry
 
 
+SINK_PENDING_BOUND = 50_000
+"""Rows the sinks may hold while the warehouse is failing; past it the agents
+stop taking batches (consumption pauses, Kafka keeps the rest) until a flush
+succeeds: memory stays bounded and nothing is dropped."""
+
+
+async def flush_or_pause(
+    sinks: SinkSet, *, bound: int = SINK_PENDING_BOUND, max_pause_s: float = 30.0
+) -> None:
+    """Flush the sinks that are due. A failing warehouse is logged and retried
+    at the next batch while the buffered rows stay under `bound`; beyond it,
+    wait (1, 2, 4 … `max_pause_s` s) and retry until the warehouse takes them."""
+    pause = 1.0
+    while True:
+        try:
+            sinks.flush_due()
+            return
+        except Exception as exc:
+            if sinks.pending < bound:
+                log.warning("warehouse write failed, %d rows kept: %s", sinks.pending, exc)
+                return
+            log.error(
+                "warehouse write failed with %d rows waiting: consumption paused, retrying "
+                "in %.1f s: %s", sinks.pending, pause, exc,
+            )  # fmt: skip
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, max_pause_s)
+
+
+def commit_after(consumer: Any, before_commit: Callable[[], Awaitable[bool]]) -> None:
+    """Make the consumer run `before_commit` before every offset commit and
+    skip the commit when it returns False.
+
+    Faust flushes its producer (changelogs, output topics) before committing,
+    but knows nothing of our sinks: without this, offsets could be committed
+    while the rows of those events still sat in a sink's buffer, and a worker
+    killed then would lose them (issue 7). `_commit` is the non-transactional
+    commit call of faust-streaming 0.15's consumer (faust internals)."""
+    commit = consumer._commit
+
+    async def flushed_commit(offsets: Any) -> bool:
+        if not await before_commit():
+            return False
+        return bool(await commit(offsets))
+
+    consumer._commit = flushed_commit
+
+
 class TableDeliveredLog:
     """Webhook deliveries done, in a Faust table: after a restart the notify
     agent re-reads uncommitted alerts and skips those already delivered."""
@@ -260,6 +308,10 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=max(settings.session_timeout_s / 3, 1.0),
+        # SASL and/or TLS from CSI_KAFKA_* (None: PLAINTEXT); Faust passes them to every
+        # aiokafka client it makes (consumer, producer, topic admin).
+        broker_credentials=settings.kafka.faust_credentials(),
+        consumer_group_instance_id=settings.instance_id,
     )
 
     def state_table(name: str, help: str) -> PartitionedTable:
@@ -288,6 +340,22 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
     )  # fmt: skip
     guard = OffsetGuard()
     guard.install(app.consumer)
+
+    async def before_commit() -> bool:
+        """Everything the offsets about to be committed produced is stored
+        first: pending snapshots published, every sink flushed, Kafka sends done."""
+        try:
+            await publish_snapshots(
+                [*processor.flush_snapshots(), *rollup_processor.flush_snapshots()]
+            )
+            sinks.flush_all()
+            await app.producer.flush()
+        except Exception as exc:
+            log.error("not committing offsets: the warehouse did not take the rows: %s", exc)
+            return False
+        return True
+
+    commit_after(app.consumer, before_commit)
     log_level = logging.getLevelName(settings.log_level.upper())
     log_level = log_level if isinstance(log_level, int) else logging.WARNING
 
@@ -335,7 +403,7 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
             await rollup_topic.send(
                 key=update.partition_key.encode("utf-8"), value=orjson.dumps(update.to_message())
             )
-        sinks.flush_due()
+        await flush_or_pause(sinks)
 
     async def publish_snapshots(snapshots: list[Snapshot]) -> None:
         sinks.metric_snapshots.add(s.to_row() for s in snapshots)
@@ -385,7 +453,7 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
             result = rollup_processor.process(updates)
             await publish_snapshots(result.snapshots)
             await publish_alerts(result.alerts, [])
-            sinks.flush_due()
+            await flush_or_pause(sinks)
             guard.record(events)
 
     if settings.webhook_url:
@@ -454,7 +522,10 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
     @app.timer(interval=min(settings.sink_max_age_s, 1.0) / 2)  # type: ignore[untyped-decorator]
     async def flush_sinks() -> None:
         # Quiet periods: rows younger than max_age still reach the warehouse.
-        sinks.flush_due()
+        try:
+            sinks.flush_due()
+        except Exception as exc:  # kept buffered; the agents pause if it persists
+            log.warning("warehouse write failed, %d rows kept for retry: %s", sinks.pending, exc)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode types async receivers too narrowly
     async def flush_on_shutdown(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:

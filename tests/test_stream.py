@@ -113,10 +113,15 @@ def test_batch_gives_hand_computed_csi_and_nps(processor: DealerProcessor) -> No
 def test_replayed_event_counts_once(processor: DealerProcessor) -> None:
     feed = Feed()
     answer = survey("D002", "2026-11-18", {"work_quality": 10}, 9)
-    processor.process([feed(answer)])
+    first = processor.process([feed(answer)])
     out = processor.process([feed(answer), feed(answer)])
     assert out.duplicates == 2
-    assert not out.snapshots  # nothing changed, nothing re-emitted
+    # counted once; its row and windows go out again, unchanged (a worker killed
+    # before its sinks flushed must not leave them missing from the warehouse)
+    assert [r[0] for r in out.event_rows] == [uuid.UUID(answer["event_id"])] * 2
+    assert sorted((s.window, s.window_end, repr(s.figures)) for s in out.snapshots) == sorted(
+        (s.window, s.window_end, repr(s.figures)) for s in first.snapshots
+    )
     again = processor.process([feed(survey("D002", "2026-11-18", {"work_quality": 5}, 9))])
     # 10 and 5 → mean 7.5 → 750: the replays did not count
     assert by_window(again.snapshots, "day", date(2026, 11, 18)).csi == pytest.approx(750.0)

@@ -526,7 +526,7 @@ def test_clickhouse_url_parts_are_decoded() -> None:
     [
         ("clickhouse://:9000/csi", "no host"),
         ("clickhouse://host:notaport/csi", "invalid port"),
-        ("clickhouse://host:9000/csi?secure=1", "no query string"),
+        ("clickhouse://host:9000/csi?sekure=1", "is unknown"),
         ("clickhouse://host:9000/a/b", "one database name"),
     ],
 )
