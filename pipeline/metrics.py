@@ -120,7 +120,7 @@ def nps(promoters: float, detractors: float, n: float) -> float | None:
 
 def nps_standard_error(promoters: float, detractors: float, n: float) -> float | None:
     """Standard error of NPS in points: 100·sqrt((p + d − (p − d)²)/n)."""
-    if not n:
+    if n <= 0:  # no answers (or a torn roll-up total, docs/reliability.md): no figure
         return None
     p, d = promoters / n, detractors / n
     return 100.0 * math.sqrt(max(p + d - (p - d) ** 2, 0.0) / n)
