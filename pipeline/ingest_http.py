@@ -22,7 +22,9 @@ Otherwise every event is judged on its own, in order:
 * 403 ``dealer_id: key of D001 cannot submit events for D002``: a key submits
   events for its own dealer only (checked first, on the raw object);
 * 413: the event, re-serialised compactly, is over ``MAX_EVENT_BYTES``;
-* 400: :func:`schemas.events.parse_event` refused it; the reason names the field.
+* 400: :func:`schemas.events.parse_event` refused it; the reason names the field. The
+  body is read by the parser ``parse_event`` uses, so an event's NaN, infinity or
+  integer beyond 64 bits gets the reason a Kafka record would get, not a 400 for all.
 
 Valid events are produced to ``topic_for(event_type)``, keyed by ``dealer_id``, as
 their canonical JSON (:func:`schemas.events.event_to_json`: what was validated,
@@ -88,13 +90,20 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
+import pydantic_core
 from aiohttp import hdrs, web
 from aiohttp.typedefs import LooseHeaders
 from kafka.errors import KafkaError
 
 from pipeline.producer import EventProducer, EventSink, ProduceError
 from pipeline.registry import DEALER_ID_PATTERN
-from schemas.events import MAX_EVENT_BYTES, InvalidEvent, event_to_json, parse_event
+from schemas.events import (
+    MAX_EVENT_BYTES,
+    InvalidEvent,
+    encoding_problem,
+    event_to_json,
+    parse_event,
+)
 
 log = logging.getLogger("csi.ingest_http")
 
@@ -623,8 +632,10 @@ def _judge_event(
                 403, f"dealer_id: key of {dealer_id} cannot submit events for {_shown(claimed)}"
             )
     try:
-        raw = orjson.dumps(item)
-    except orjson.JSONEncodeError as exc:
+        # pydantic_core, not orjson: it writes back exactly what `from_json` read (integers
+        # beyond 64 bits, NaN and infinities), so the event is judged as sent.
+        raw = pydantic_core.to_json(item)
+    except ValueError as exc:
         return rejected(400, f"event: cannot be re-encoded as JSON: {exc}")
     if len(raw) > max_event_bytes:
         return rejected(413, f"event is larger than {max_event_bytes} bytes (got {len(raw)} bytes)")
@@ -643,9 +654,13 @@ def _judge_event(
 def _judge_batch(body: bytes, dealer_id: str, now: datetime, limits: Limits) -> _Judgement:
     """Parse a request body and judge each event; raises :class:`_Refusal` for the whole."""
     try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise _Refusal(400, f"malformed JSON: {exc}") from None
+        # The parser `parse_event` uses (jiter), so that each event is read here as the
+        # stream reads it: orjson would turn an integer beyond 64 bits into a float (the
+        # reason would show a number the client never sent) and refuse the whole body
+        # for one event's NaN or 1e400, which `parse_event` rejects with a reason.
+        payload = pydantic_core.from_json(body)
+    except ValueError as exc:
+        raise _Refusal(400, f"malformed JSON: {encoding_problem(body) or exc}") from None
     items: object
     if isinstance(payload, dict):
         if "events" not in payload:

@@ -107,18 +107,39 @@ class DeadLetter:
             received_at=self.received_at,
         )
 
+    @property
+    def message_key(self) -> bytes:
+        """The dead-letter topic's record key: the original key, cut short."""
+        return self.key[:DEAD_LETTER_MESSAGE_KEY_CHARS].encode("utf-8")
+
     def to_message(self) -> dict[str, Any]:
-        """The dead-letter topic's JSON value."""
+        """The dead-letter topic's JSON value. It must fit in one record (Faust's
+        max_request_size: 1 000 000 bytes; the broker's message.max.bytes), so it
+        carries the first DEAD_LETTER_MESSAGE_RAW_BYTES of the bytes (`raw_bytes`
+        says how many there were) and of the key; the warehouse row keeps them all."""
+        raw = self.raw[:DEAD_LETTER_MESSAGE_RAW_BYTES]
         return {
             "dead_letter_id": self.dead_letter_id,
             "received_at": self.received_at.isoformat(),
             "source_topic": self.source_topic,
             "partition": self.partition,
             "offset": self.offset,
-            "key": self.key,
+            "key": self.key[:DEAD_LETTER_MESSAGE_KEY_CHARS],
             "reason": self.reason,
-            "raw_b64": base64.b64encode(self.raw).decode("ascii"),
+            "raw_b64": base64.b64encode(raw).decode("ascii"),
+            "raw_bytes": len(self.raw),
         }
+
+
+DEAD_LETTER_MESSAGE_RAW_BYTES = 512 * 1024
+"""base64 makes 683 KiB of it: a dead-letter message stays well under 1 000 000 bytes."""
+DEAD_LETTER_MESSAGE_KEY_CHARS = 256
+
+
+def _shown_key(key: str | None) -> str:
+    """A message key for a reason: a key can be as big as the record."""
+    text = repr(key)
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 @dataclass(frozen=True)
@@ -312,6 +333,8 @@ in event time, still holds the region's days for this long after it was last
 heard from (or the region first seen). Without it a backlog read one partition
 ahead of another would close a region's days with half its dealers."""
 DEFAULT_LATENESS_DAYS = 35
+BACKLOG_REEMIT_DAYS = DEFAULT_LATENESS_DAYS + 90
+"""How far back a complaint backlog change re-emits the windows it carries into."""
 
 
 def window_bucket(
@@ -361,9 +384,14 @@ class WindowReader:
         backlog is cumulative: it carries into all later windows)."""
         out: list[Snapshot] = []
         index_key = backlog_index_key(labels[0], labels[1], department)
+        # A backlog change carries into every later window, but only the windows
+        # ending in the last BACKLOG_REEMIT_DAYS are re-emitted: a dealer's first
+        # complaint is never "too late", and one dated years back would re-emit
+        # every window since (from 1970: 400 000 snapshots, half a minute).
+        horizon = latest - timedelta(days=BACKLOG_REEMIT_DAYS)
         carried_into = [
             first + timedelta(days=i)
-            for first in ([min(backlog_days)] if backlog_days else [])
+            for first in ([max(min(backlog_days), horizon)] if backlog_days else [])
             for i in range((latest - first).days + 1)
         ]
         windows_by_end: dict[date, set[str]] = {}
@@ -532,7 +560,9 @@ class DealerProcessor(_Processor):
         if key != event.dealer_id:
             # The key decides the partition; a dealer's events and buckets must
             # share one, or its figures would be split across workers.
-            raise InvalidEvent(f"key: message key {key!r} must equal dealer_id {event.dealer_id!r}")
+            raise InvalidEvent(
+                f"key: message key {_shown_key(key)} must equal dealer_id {event.dealer_id!r}"
+            )
         if self.registry is not None and event.dealer_id not in self.registry:
             raise InvalidEvent(f"dealer_id: {event.dealer_id!r} is not in the dealer registry")
         return event
@@ -542,7 +572,7 @@ class DealerProcessor(_Processor):
         key = record.key.decode("utf-8", errors="replace") if record.key is not None else None
         if key != action.dealer_id:
             raise InvalidEvent(
-                f"key: message key {key!r} must equal dealer_id {action.dealer_id!r}"
+                f"key: message key {_shown_key(key)} must equal dealer_id {action.dealer_id!r}"
             )
         return action
 

@@ -395,7 +395,7 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
         sinks.dead_letters.add(dl.to_row() for dl in out.dead_letters)
         for dead_letter in out.dead_letters:
             await dead_letter_topic.send(
-                key=dead_letter.key.encode("utf-8"), value=orjson.dumps(dead_letter.to_message())
+                key=dead_letter.message_key, value=orjson.dumps(dead_letter.to_message())
             )
         await publish_snapshots(out.snapshots)
         await publish_alerts(out.alerts, out.cases)

@@ -50,6 +50,22 @@ MAX_COMMENT_CHARS: Final[int] = 5000
 FUTURE_TOLERANCE: Final[timedelta] = timedelta(days=1)
 """How far `occurred_at` may lie ahead of the clock: emitters' clocks drift."""
 
+# Bounds on numbers that the metrics divide by, multiply or sum. Each is far beyond any
+# real value, and together they keep every statistic finite: a float that overflows to
+# inf is written as JSON null to the roll-up topic and the state changelog, and the
+# worker cannot read it back (a poison record). Python ints are unbounded, so a scale
+# bound of 10**400 would even raise OverflowError when rescaled to 1-10.
+MAX_SCALE_BOUND: Final[int] = 10_000
+"""Largest |min| and |max| of an answer scale (real scales: 0-10, 1-5, 1-7, -90..90, 0-100)."""
+MAX_AMOUNT: Final[float] = 1e12
+"""Largest money amount (estimate, invoice, compensation), in any currency's main unit."""
+MIN_NONZERO_AMOUNT: Final[float] = 0.001
+"""Smallest money amount above 0 (a thousandth of a main unit): the invoice is divided
+by the estimate."""
+MAX_AUDIT_WEIGHT: Final[float] = 1e6
+MIN_NONZERO_EXPECTATION: Final[float] = 0.001
+"""Smallest |expectation| other than 0: the CSS ratio is perception ÷ expectation."""
+
 Department = Literal["service", "sales"]
 Source = Literal["dms", "survey_vendor", "call_centre", "auditor", "web"]
 SurveyChannel = Literal["web", "sms", "email", "phone", "app"]
@@ -130,9 +146,11 @@ _CN_PLATE = re.compile(
 # The current British format ("AB12 CDE").
 _UK_PLATE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}\s?[A-Z]{3}(?![A-Za-z0-9])")
 # Any registration announced as one: "plate ABC-1234", "reg: KA 05 1234", "车牌号 A12345".
+# One way only to split the spaces after the word (`\s*(?:…)?\s*` had n of them, so
+# "plate" and thousands of spaces took seconds to scan).
 _ANNOUNCED_PLATE = re.compile(
     r"(?i)((?<![A-Za-z])(?:licen[cs]e\s+)?plate|(?<![A-Za-z])reg(?:istration)?(?:\s+(?:no\.?|number))?"
-    r"|车牌号?|牌照)(\s*(?:[:#：]|is|号码)?\s*)"
+    r"|车牌号?|牌照)(\s*(?:(?:[:#：]|is|号码)\s*)?)"
     r"([A-Za-z0-9]{1,8}(?:[\s\-·][A-Za-z0-9]{1,5}){0,2})(?![A-Za-z0-9])"
 )
 
@@ -255,9 +273,25 @@ def _check_timestamp_range(moment: datetime) -> datetime:
     return moment
 
 
+_PLACEHOLDER_UUIDS: Final[frozenset[UUID]] = frozenset({UUID(int=0), UUID(int=(1 << 128) - 1)})
+
+
+def _check_event_id(event_id: UUID) -> UUID:
+    # The nil and max UUIDs (RFC 9562) are placeholders, not ids: an emitter that sends
+    # one for every event would see all but the first dropped as replays of it.
+    if event_id in _PLACEHOLDER_UUIDS:
+        raise PydanticCustomError(
+            "event_id_placeholder",
+            "must be a unique id, not the placeholder UUID {value}",
+            {"value": str(event_id)},
+        )
+    return event_id
+
+
 # --- field types ---------------------------------------------------------------
 
 Timestamp = Annotated[AwareDatetime, AfterValidator(_check_timestamp_range)]
+EventId = Annotated[UUID, AfterValidator(_check_event_id)]
 
 DealerId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")]
 PseudonymousRef = Annotated[str, AfterValidator(_check_pseudonymous_ref)]
@@ -265,7 +299,21 @@ SchemaVersion = Annotated[int, Field(ge=1), AfterValidator(_check_schema_version
 # Ids assigned by the emitting systems (DMS repair order, audit, complaint ticket).
 ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 VisitId = ExternalId
-Amount = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+def _check_amount(amount: float) -> float:
+    if 0 < amount < MIN_NONZERO_AMOUNT:
+        raise PydanticCustomError(
+            "amount_too_small",
+            "must be 0 or at least {smallest}",
+            {"smallest": MIN_NONZERO_AMOUNT},
+        )
+    return amount
+
+
+Amount = Annotated[
+    float, Field(ge=0, le=MAX_AMOUNT, allow_inf_nan=False), AfterValidator(_check_amount)
+]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 # Codes are keys of the (replaceable) questionnaire catalogue; no dots, so that an
 # error path like "ratings.booking_ease" is unambiguous.
@@ -276,9 +324,10 @@ Rating = Annotated[float, Field(allow_inf_nan=False)]
 Comment = Annotated[str, AfterValidator(_scrub_comment)]
 MAX_RATED_ATTRIBUTES: Final[int] = 200
 MAX_AUDIT_ITEMS: Final[int] = 300
-AuditWeight = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+AuditWeight = Annotated[float, Field(gt=0, le=MAX_AUDIT_WEIGHT, allow_inf_nan=False)]
 Percentage = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 Severity = Annotated[int, Field(ge=1, le=4)]
+ScaleBound = Annotated[int, Field(ge=-MAX_SCALE_BOUND, le=MAX_SCALE_BOUND)]
 
 
 class _StrictModel(BaseModel):
@@ -288,8 +337,8 @@ class _StrictModel(BaseModel):
 class Scale(_StrictModel):
     """The answer scale of a questionnaire, e.g. 1–10 or 1–5 (both ends inclusive)."""
 
-    min: int = 1
-    max: int = 10
+    min: ScaleBound = 1
+    max: ScaleBound = 10
 
     @model_validator(mode="after")
     def _min_below_max(self) -> Self:
@@ -326,7 +375,7 @@ def _off_scale_errors(
 class Envelope(_StrictModel):
     """Fields every event carries (DOMAIN.md "Events"); the base of every event model."""
 
-    event_id: UUID
+    event_id: EventId
     event_type: EventType
     schema_version: SchemaVersion
     dealer_id: DealerId
@@ -423,6 +472,19 @@ class SurveyEvent(Envelope):
         answers += [((name,), value) for name, value in single_answers.items() if value is not None]
         answers += [(("expectations", code), value) for code, value in self.expectations.items()]
         errors += _off_scale_errors(answers, self.scale, "survey")
+        if self.expectation is not None and 0 < abs(self.expectation) < MIN_NONZERO_EXPECTATION:
+            errors.append(
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "expectation_near_zero",
+                        "must be 0 or at least {smallest} away from 0, as the CSS ratio"
+                        " divides by it",
+                        {"smallest": MIN_NONZERO_EXPECTATION},
+                    ),
+                    loc=("expectation",),
+                    input=self.expectation,
+                )
+            )
         if errors:
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
@@ -595,6 +657,7 @@ _SELF_DESCRIBING_ERRORS: Final[frozenset[str]] = frozenset(
         "call_not_reached",
         "audit_code_duplicate",
         "satisfied_after_not_closed",
+        "event_id_placeholder",
         "missing",
         "extra_forbidden",
     }
@@ -621,6 +684,8 @@ def _shown(value: object) -> str:
     """A short, single-line rendering of a received value."""
     if isinstance(value, dict | list):
         return _json_type_name(value)
+    if value is None or isinstance(value, bool):  # as JSON spells them, not Python
+        return "null" if value is None else str(value).lower()
     text = repr(value)
     if len(text) > _MAX_SHOWN_CHARS:
         text = text[: _MAX_SHOWN_CHARS - 1] + "…"
@@ -668,6 +733,9 @@ def _describe_error(error: Any) -> str:
     if kind == "timezone_aware":
         example = "2024-05-01T10:00:00+08:00"
         return f"{where}: must be timezone-aware, e.g. {example} (got {_shown(received)})"
+    if kind == "uuid_type":
+        example = "3f2b9c1e-8a4d-4e6f-9b2a-1c3d5e7f9a0b"
+        return f"{where}: must be a UUID string, e.g. {example} (got {_shown(received)})"
     if kind in ("dict_type", "model_type", "model_attributes_type"):
         return f"{where}: must be a JSON object (got {_json_type_name(received)})"
     rule = _rule(error["msg"])
@@ -683,6 +751,21 @@ def _reason(exc: ValidationError) -> str:
         described.append(f"… and {len(errors) - _MAX_REPORTED_ERRORS} more errors")
     # Dict keys and JSON error texts come from the input: keep the reason on one line.
     return "; ".join(described).replace("\n", " ").replace("\r", " ") or "invalid event"
+
+
+def encoding_problem(raw: bytes) -> str | None:
+    """Why bytes are not UTF-8 JSON text at the byte level (a byte order mark, invalid
+    UTF-8), or None. For input the JSON parser refused: its own message ("invalid
+    unicode code point", "expected value at line 1 column 1") does not say so."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        return "starts with a byte order mark (EF BB BF); send JSON without one"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "starts with a UTF-16 byte order mark; JSON must be UTF-8"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text ({exc.reason} 0x{raw[exc.start]:02x} at byte offset {exc.start})"
+    return None
 
 
 def parse_event(raw: bytes | str, *, now: datetime | None = None) -> AnyEvent:
@@ -710,7 +793,8 @@ def parse_event(raw: bytes | str, *, now: datetime | None = None) -> AnyEvent:
     try:
         return _EVENT_ADAPTER.validate_json(raw, context={"now": now or datetime.now(UTC)})
     except ValidationError as exc:
-        raise InvalidEvent(_reason(exc)) from None
+        problem = encoding_problem(raw) if exc.errors()[0]["type"] == "json_invalid" else None
+        raise InvalidEvent(f"not valid JSON: {problem}" if problem else _reason(exc)) from None
     except Exception as exc:
         # The stream must keep running whatever arrives: an unexpected failure becomes a
         # dead letter whose reason makes the bug visible instead of crashing the worker.
