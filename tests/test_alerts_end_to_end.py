@@ -34,7 +34,7 @@ from pipeline.producer import EventProducer
 from pipeline.registry import DealerRegistry, write_registry
 from pipeline.runner import EMBEDDED_FETCH_HOLD_MS
 from pipeline.simulator import Drop, simulate, simulated_registry
-from tests.test_end_to_end import csi_cli, query, wait_until_consumed
+from tests.test_end_to_end import csi_cli, query, stop_worker, wait_until_consumed
 
 pytestmark = pytest.mark.integration
 
@@ -114,8 +114,7 @@ def run_worker(
                     break
                 time.sleep(0.3)
         finally:
-            worker.terminate()
-            worker.wait(60)
+            stop_worker(worker)
     assert worker.returncode == 0, log_path.read_text()[-3000:]
 
 

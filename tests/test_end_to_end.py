@@ -100,6 +100,17 @@ def wait_until_consumed(
         reader.close()
 
 
+def stop_worker(worker: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
+    """SIGTERM (Faust stops, the sinks flush); SIGKILL if it has not exited
+    within `grace_s`, so a hung worker never outlives its test."""
+    worker.terminate()
+    try:
+        worker.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait(10)
+
+
 def run_worker_until_consumed(
     bootstrap: str, group: str, expected: int, env: dict[str, str], log_path: Path
 ) -> None:
@@ -113,8 +124,7 @@ def run_worker_until_consumed(
             consumed = wait_until_consumed(bootstrap, group, expected, worker, timeout_s=180)
             assert consumed == expected, log_path.read_text()[-3000:]
         finally:
-            worker.terminate()
-            worker.wait(60)
+            stop_worker(worker)
     assert worker.returncode == 0, log_path.read_text()[-3000:]
 
 

@@ -57,6 +57,7 @@ from pipeline.topics import EVENT_TOPICS
 from pipeline.warehouse import encode_columns_json
 from schemas import InvalidEvent, parse_event
 from schemas.events import MAX_COMMENT_CHARS, MAX_EVENT_BYTES
+from tests.test_end_to_end import stop_worker
 
 CATALOGUE = load_catalogue()
 CORPUS_DIR = Path(__file__).parent / "nasty"
@@ -1004,8 +1005,7 @@ def run_worker(bootstrap: str, group: str, expected: int, env: dict[str, str], l
             assert progress.processed == expected, f"stalled:\n{log.read_text()[-3000:]}"
         finally:
             reader.close()
-            worker.terminate()
-            worker.wait(60)
+            stop_worker(worker)
     text = log.read_text(errors="replace")
     assert worker.returncode == 0, text[-3000:]
     assert "Crashed" not in text and "Traceback" not in text, text[-3000:]
