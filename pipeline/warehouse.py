@@ -18,6 +18,8 @@ import base64
 import dataclasses
 import errno
 import fcntl
+import hashlib
+import logging
 import math
 import os
 import threading
@@ -150,6 +152,8 @@ DEAD_LETTERS_COLUMNS: tuple[str, ...] = tuple(name for name, _ in DEAD_LETTERS_S
 ALERTS_COLUMNS: tuple[str, ...] = tuple(name for name, _ in ALERTS_SCHEMA)
 CASES_COLUMNS: tuple[str, ...] = tuple(name for name, _ in CASES_SCHEMA)
 PIPELINE_HEALTH_COLUMNS: tuple[str, ...] = tuple(name for name, _ in PIPELINE_HEALTH_SCHEMA)
+
+log = logging.getLogger("csi.warehouse")
 
 
 def alert_row(alert: Alert) -> tuple[Any, ...]:
@@ -291,6 +295,21 @@ def dead_letter_row(
         base64.b64encode(raw).decode("ascii"),
         raw.decode("utf-8", errors="replace")[:DEAD_LETTER_PREVIEW_CHARS],
     )
+
+
+def refused_row_dead_letter(
+    table: str, row: Sequence[Any], columns: Sequence[str], reason: str
+) -> tuple[Any, ...]:
+    """A dead letter for a row the warehouse refused: its values as JSON, the
+    warehouse's reason; the offset is a hash of the row, so a retried row is
+    one dead letter."""
+    raw = orjson.dumps(dict(zip(columns, row, strict=True)), default=str)
+    offset = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big", signed=True)
+    return dead_letter_row(
+        source_topic=f"sink:{table}", partition=0, offset=offset, key=None,
+        reason=f"the warehouse refused this {table} row: {reason}"[:2000], raw=raw,
+        received_at=datetime.now(UTC),
+    )  # fmt: skip
 
 
 def _check_row_widths(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -999,6 +1018,40 @@ class BatchingSink:
             self._batches_written += 1
             return len(batch)
 
+    def flush_setting_aside(self) -> tuple[int, list[tuple[Sequence[Any], str]]]:
+        """After a failed flush: insert the buffer by halves and return the rows
+        the warehouse refused on their own, with its reason (a poison row must
+        not block every later batch). When every row is refused the fault is not
+        in the rows (table gone, warehouse down): they stay buffered, nothing is
+        returned. Returns (rows written, refused rows)."""
+        with self._flush_lock:
+            with self._buffer_lock:
+                batch, oldest_added_at = self._rows, self._oldest_added_at
+                self._rows, self._oldest_added_at = [], None
+            written: list[Sequence[Any]] = []
+            refused: list[tuple[Sequence[Any], str]] = []
+
+            def insert(rows: list[Sequence[Any]]) -> None:
+                try:
+                    self.warehouse.insert(self.table, self.columns, rows)
+                    written.extend(rows)
+                except Exception as error:
+                    if len(rows) == 1:
+                        refused.append((rows[0], str(error)))
+                        return
+                    insert(rows[: len(rows) // 2])
+                    insert(rows[len(rows) // 2 :])
+
+            insert(batch)
+            if not written:
+                with self._buffer_lock:
+                    self._rows = batch + self._rows
+                    self._oldest_added_at = oldest_added_at
+                return 0, []
+            self._rows_written += len(written)
+            self._batches_written += 1
+            return len(written), refused
+
     def write(self, batch: Iterable[Sequence[Any]]) -> int:
         """Add rows and flush if that made the buffer due; return rows written now."""
         self.add(batch)
@@ -1075,7 +1128,20 @@ class SinkSet:
             try:
                 written += sink.flush()
             except Exception as error:
-                failures.append(error)
+                if sink is self.dead_letters:
+                    failures.append(error)
+                    continue
+                done, refused = sink.flush_setting_aside()
+                if not done:
+                    failures.append(error)
+                    continue
+                written += done
+                self.dead_letters.add(refused_row_dead_letter(sink.table, row, sink.columns, reason)
+                                      for row, reason in refused)  # fmt: skip
+                log.error(
+                    "%s refused %d rows on their own: kept in csi.dead_letters (source "
+                    "'sink:%s'); %d rows written", sink.table, len(refused), sink.table, done,
+                )  # fmt: skip
         if failures:
             first = failures[0]
             for other in failures[1:]:

@@ -217,3 +217,33 @@ def test_a_failing_warehouse_pauses_the_agents_with_bounded_memory_and_loses_not
         assert [r[0] for r in stored] == [f"t{i}" for i in range(5)]
     finally:
         warehouse.close()
+
+
+def test_a_row_the_warehouse_refuses_becomes_a_dead_letter_and_blocks_nothing(
+    tmp_path: Path,
+) -> None:
+    """A poison row (one the real chdb refuses, as it refused a roll-up snapshot
+    with a negative count after a torn kill) is set aside as a dead letter with
+    the warehouse's reason; the rows around it are written."""
+    from pipeline.warehouse import SinkSet, create_schema, open_warehouse
+
+    warehouse = open_warehouse(f"chdb://{tmp_path / 'warehouse'}")
+    try:
+        create_schema(warehouse)
+        sinks = SinkSet(warehouse, max_rows=1, max_age_s=0.0)
+        at = datetime.now(UTC)
+        good = [(at, "w", "events_per_s", f"t{i}", float(i)) for i in range(5)]
+        poison = (at, "w", "events_per_s", "bad", "not a number")
+        sinks.pipeline_health.add([*good[:2], poison, *good[2:]])
+        assert sinks.flush_all() == 5  # the good rows; the poison row waits as a dead letter
+        assert sinks.dead_letters.pending == 1
+        sinks.flush_all()
+        _, stored = warehouse.query("SELECT key FROM csi.pipeline_health ORDER BY value")
+        assert [r[0] for r in stored] == [f"t{i}" for i in range(5)]
+        _, dead = warehouse.query("SELECT source_topic, reason, raw_preview FROM csi.dead_letters")
+        [(topic, reason, preview)] = dead
+        assert topic == "sink:csi.pipeline_health"
+        assert reason.startswith("the warehouse refused this csi.pipeline_health row: ")
+        assert '"value":"not a number"' in preview and '"key":"bad"' in preview
+    finally:
+        warehouse.close()
