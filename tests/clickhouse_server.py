@@ -77,7 +77,8 @@ def free_loopback_port() -> int:
         return port
 
 
-def _config_xml(root: Path, port: int) -> str:
+def _config_xml(root: Path, port: int, extra: str = "") -> str:
+    """The server's config.xml; `extra`: more elements (e.g. a TLS port and its certificates)."""
     # Only the native TCP port is opened (no HTTP, no interserver port), on loopback only.
     return f"""<?xml version="1.0"?>
 <yandex>
@@ -88,7 +89,7 @@ def _config_xml(root: Path, port: int) -> str:
         <console>0</console>
     </logger>
     <listen_host>{LOOPBACK}</listen_host>
-    <tcp_port>{port}</tcp_port>
+    <tcp_port>{port}</tcp_port>{extra}
     <path>{root}/data/</path>
     <tmp_path>{root}/tmp/</tmp_path>
     <user_files_path>{root}/user_files/</user_files_path>

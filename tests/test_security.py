@@ -57,7 +57,12 @@ from pipeline.warehouse import (
     open_warehouse,
     parse_clickhouse_url,
 )
-from tests.clickhouse_server import LOOPBACK, free_loopback_port, require_clickhouse_server
+from tests.clickhouse_server import (
+    LOOPBACK,
+    _config_xml,
+    free_loopback_port,
+    require_clickhouse_server,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_USERS_XML = ROOT / "deploy" / "clickhouse" / "users.d" / "csi-users.xml"
@@ -872,16 +877,9 @@ class SecuredClickHouse:
 
 
 def _server_config(root: Path, port: int, tls_port: int, certificates: Certificates) -> str:
-    return f"""<?xml version="1.0"?>
-<yandex>
-    <logger>
-        <level>information</level>
-        <log>{root}/log/clickhouse-server.log</log>
-        <errorlog>{root}/log/clickhouse-server.err.log</errorlog>
-        <console>0</console>
-    </logger>
-    <listen_host>{LOOPBACK}</listen_host>
-    <tcp_port>{port}</tcp_port>
+    return _config_xml(
+        root, port,
+        f"""
     <tcp_port_secure>{tls_port}</tcp_port_secure>
     <openSSL>
         <server>
@@ -891,19 +889,8 @@ def _server_config(root: Path, port: int, tls_port: int, certificates: Certifica
             <loadDefaultCAFile>false</loadDefaultCAFile>
             <disableProtocols>sslv2,sslv3,tlsv1,tlsv1_1</disableProtocols>
         </server>
-    </openSSL>
-    <path>{root}/data/</path>
-    <tmp_path>{root}/tmp/</tmp_path>
-    <user_files_path>{root}/user_files/</user_files_path>
-    <format_schema_path>{root}/format_schemas/</format_schema_path>
-    <users_config>{root}/users.xml</users_config>
-    <default_profile>default</default_profile>
-    <default_database>default</default_database>
-    <timezone>UTC</timezone>
-    <mark_cache_size>67108864</mark_cache_size>
-    <max_concurrent_queries>32</max_concurrent_queries>
-</yandex>
-"""
+    </openSSL>""",
+    )  # fmt: skip
 
 
 _BASE_USERS = """<?xml version="1.0"?>
