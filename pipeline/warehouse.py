@@ -1042,7 +1042,10 @@ class BatchingSink:
                     insert(rows[: len(rows) // 2])
                     insert(rows[len(rows) // 2 :])
 
-            insert(batch)
+            # the whole batch was just refused (the caller's flush): start from its halves
+            if len(batch) > 1:
+                insert(batch[: len(batch) // 2])
+                insert(batch[len(batch) // 2 :])
             if not written:
                 with self._buffer_lock:
                     self._rows = batch + self._rows

@@ -341,17 +341,19 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
     guard = OffsetGuard()
     guard.install(app.consumer)
 
+    def take_pending_snapshots() -> list[Snapshot]:
+        """Both processors' changed windows, whatever their interval."""
+        return [*processor.flush_snapshots(), *rollup_processor.flush_snapshots()]
+
     async def before_commit() -> bool:
         """Everything the offsets about to be committed produced is stored
         first: pending snapshots published, every sink flushed, Kafka sends done."""
         try:
-            await publish_snapshots(
-                [*processor.flush_snapshots(), *rollup_processor.flush_snapshots()]
-            )
+            await publish_snapshots(take_pending_snapshots())
             sinks.flush_all()
             await app.producer.flush()
         except Exception as exc:
-            log.error("not committing offsets: the warehouse did not take the rows: %s", exc)
+            log.error("not committing offsets: their outputs are not all stored: %s", exc)
             return False
         return True
 
@@ -530,7 +532,7 @@ def make_app(settings: Settings, catalogue: Catalogue, sinks: SinkSet) -> faust.
     @app.on_before_shutdown.connect  # type: ignore[arg-type]  # mode types async receivers too narrowly
     async def flush_on_shutdown(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         # windows changed since the last snapshot flush go out before we stop
-        pending = [*processor.flush_snapshots(), *rollup_processor.flush_snapshots()]
+        pending = take_pending_snapshots()
         try:
             await publish_snapshots(pending)  # the producer still runs at this point
         except Exception:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from pipeline.simulator import simulate
 from pipeline.stream import DealerProcessor, DictStore, RawRecord
 from pipeline.topics import ALL_TOPICS, EVENT_TOPICS
 from pipeline.warehouse import SinkSet, WarehouseError, create_schema, open_warehouse
+from tests.test_warehouse import held_data_dir
 
 SURVEY = EVENT_TOPICS["survey"].name
 VISIT = EVENT_TOPICS["visit"].name
@@ -378,31 +378,11 @@ def read_all(bootstrap: str) -> list[tuple[str, bytes | None, bytes]]:
 # ------------------------------------------------------------------------------ the rest
 
 
-HOLD_DATA_DIR = """
-import sys
-from chdb.session import Session
-session = Session(sys.argv[1])
-print("ready", flush=True)
-sys.stdin.read()
-session.close()
-"""
-
-
 @pytest.fixture
 def held_warehouse(tmp_path: Path) -> Iterator[Path]:
     """A chdb data dir owned by another process, as a running worker owns its own."""
-    data_dir = tmp_path / "held"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_DATA_DIR, str(data_dir)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "ready"
-        yield data_dir
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
+    with held_data_dir(tmp_path / "held"):
+        yield tmp_path / "held"
 
 
 @pytest.mark.integration

@@ -59,6 +59,8 @@ from pipeline.warehouse import (
 )
 from tests.clickhouse_server import (
     LOOPBACK,
+    ClickHouseEndpoint,
+    _answers,
     _config_xml,
     free_loopback_port,
     require_clickhouse_server,
@@ -927,19 +929,6 @@ def deploy_users_for_old_servers() -> str:
     return ET.tostring(tree.getroot(), encoding="unicode")
 
 
-def _answers(port: int) -> bool:
-    from clickhouse_driver import Client
-    from clickhouse_driver import errors as driver_errors
-
-    client = Client(host=LOOPBACK, port=port, connect_timeout=1)
-    try:
-        return bool(client.execute("SELECT 1") == [(1,)])
-    except (driver_errors.Error, OSError, EOFError):
-        return False
-    finally:
-        client.disconnect()
-
-
 def _start_server(
     binary: str, root: Path, certificates: Certificates, env: Mapping[str, str]
 ) -> tuple[subprocess.Popen[bytes], SecuredClickHouse] | None:
@@ -963,7 +952,7 @@ def _start_server(
             if "Address already in use" in text:
                 return None
             raise RuntimeError(f"clickhouse-server exited with {process.returncode}:\n{text}")
-        if _answers(port):
+        if _answers(ClickHouseEndpoint(LOOPBACK, port)):
             return process, SecuredClickHouse(port, tls_port)
         time.sleep(0.1)
     process.kill()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -572,9 +573,10 @@ session.close()
 """
 
 
-@pytest.mark.integration
-def test_data_dir_locked_by_another_process_is_refused(tmp_path: Path) -> None:
-    data_dir = tmp_path / "shared"
+@contextmanager
+def held_data_dir(data_dir: Path) -> Iterator[subprocess.Popen[str]]:
+    """A chdb data dir owned by another process (as a running worker owns its
+    own) for the duration of the block; the holder process is yielded."""
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_DATA_DIR, str(data_dir)],
         stdin=subprocess.PIPE,
@@ -584,11 +586,20 @@ def test_data_dir_locked_by_another_process_is_refused(tmp_path: Path) -> None:
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "ready"
-        with pytest.raises(WarehouseLockedError, match=f"locked by process {holder.pid}"):
-            open_warehouse(f"chdb://{data_dir}")
+        yield holder
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+@pytest.mark.integration
+def test_data_dir_locked_by_another_process_is_refused(tmp_path: Path) -> None:
+    data_dir = tmp_path / "shared"
+    with (
+        held_data_dir(data_dir) as holder,  # bound before the next item is evaluated
+        pytest.raises(WarehouseLockedError, match=f"locked by process {holder.pid}"),
+    ):
+        open_warehouse(f"chdb://{data_dir}")
     # Once the holder is gone the directory is free again.
     warehouse = open_warehouse(f"chdb://{data_dir}")
     try:
